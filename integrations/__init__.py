@@ -1,0 +1,4 @@
+"""Adapters between jetblocks and other software (data loaders, checkpoint formats, kernels).
+
+Importable as ``jetblocks.integrations``; the core flow maths never imports from here.
+"""

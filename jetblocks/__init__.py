@@ -1,0 +1,31 @@
+"""jetblocks: the Jet normalizing flow as exact, invertible, composable PyTorch blocks."""
+
+from jetblocks.couplings import AffineCoupling, ChannelSplit, SpatialSplit
+from jetblocks.flow import Flow, FlowSequence, Inverse
+from jetblocks.jet import PRESETS, Jet, JetConfig
+from jetblocks.latents import merge_tokens, patchify, split_tokens, unpatchify
+from jetblocks.likelihood import bits_per_dim, dequantize, standard_normal_log_prob, to_uint8
+from jetblocks.vit import ViTConditioner
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS",
+    "AffineCoupling",
+    "ChannelSplit",
+    "Flow",
+    "FlowSequence",
+    "Inverse",
+    "Jet",
+    "JetConfig",
+    "SpatialSplit",
+    "ViTConditioner",
+    "bits_per_dim",
+    "dequantize",
+    "merge_tokens",
+    "patchify",
+    "split_tokens",
+    "standard_normal_log_prob",
+    "to_uint8",
+    "unpatchify",
+]

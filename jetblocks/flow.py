@@ -1,0 +1,90 @@
+"""The flow contract every jetblocks block obeys, and how flows compose.
+
+A flow is an invertible map ``f`` with a tractable Jacobian. Both directions return the
+mapped tensor and the per-example log-determinant of the map *they* apply:
+
+    forward(x, context=None) -> (y, log|det df/dx|)        with y = f(x)
+    inverse(y, context=None) -> (x, log|det df^-1/dy|)     with x = f^-1(y)
+
+so ``inverse`` returns minus the forward log-det at the matching point. The log-det is
+the sum over every non-batch element, shape ``[B]``, float32 (float64 for float64 inputs).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+
+def logdet_dtype(x: Tensor) -> torch.dtype:
+    """The dtype of a log-det for input ``x``: float64 for float64 input, else float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def zero_logdet(x: Tensor) -> Tensor:
+    """A zero log-det ``[B]`` for a volume-preserving map of ``x``."""
+    return x.new_zeros(x.shape[0], dtype=logdet_dtype(x))
+
+
+class Flow(nn.Module, abc.ABC):
+    """Base class of an invertible map with per-example log-determinants.
+
+    Subclasses implement :meth:`forward` and :meth:`inverse`; both take an optional
+    ``context`` that conditions the map (it is not transformed).
+    """
+
+    @abc.abstractmethod
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Map ``x`` to ``y``; return ``(y, logdet)`` with ``logdet`` of shape ``[B]``."""
+
+    @abc.abstractmethod
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Map ``y`` back to ``x``; return ``(x, logdet)`` of the inverse map."""
+
+
+class FlowSequence(Flow):
+    """The composition of ``flows`` applied in listed order: ``f_n(...f_2(f_1(x)))``.
+
+    Log-dets add up; :meth:`inverse` runs the flows' inverses in reverse order.
+    """
+
+    def __init__(self, flows: Iterable[Flow]) -> None:
+        super().__init__()
+        self.flows = nn.ModuleList(flows)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        logdet = zero_logdet(x)
+        for flow in self.flows:
+            x, step = flow(x, context)
+            logdet = logdet + step
+        return x, logdet
+
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        logdet = zero_logdet(y)
+        for flow in reversed(self.flows):
+            y, step = flow.inverse(y, context)
+            logdet = logdet + step
+        return y, logdet
+
+    def __len__(self) -> int:
+        return len(self.flows)
+
+    def __getitem__(self, index: int) -> Flow:
+        return self.flows[index]
+
+
+class Inverse(Flow):
+    """The inverse of ``flow``: its ``forward`` is ``flow.inverse`` and vice versa."""
+
+    def __init__(self, flow: Flow) -> None:
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.flow.inverse(x, context)
+
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.flow(y, context)

@@ -1,0 +1,155 @@
+"""The Vision Transformer that computes a Jet coupling's bias and scale from its half.
+
+Per coupling (the reference's ``DNN``): ``Linear(d_in -> E)`` + a learned position
+embedding ``[1, N, E]`` (+ an optional zero-initialised cross-attention to a context
+``[B, M, C_ctx]``) + ``depth`` pre-LN encoder blocks (``x += MHA(LN(x)); x += MLP(LN(x))``)
++ a final LayerNorm + a zero-initialised ``Linear(E -> d_out)``. Initialisers follow the
+reference (Flax): ``Dense`` kernels are LeCun-normal (truncated), attention and MLP kernels
+Xavier-uniform, MLP biases ``N(0, 1e-6)``, other biases zero, LayerNorm eps ``1e-6``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import einops
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+LAYER_NORM_EPS = 1e-6
+# Flax truncates its normal initialisers at 2 std and rescales so the variance is kept.
+_TRUNCATED_NORMAL_STD = 0.87962566103423978
+
+
+def lecun_normal_(weight: Tensor) -> Tensor:
+    """Flax's default kernel init: truncated normal with variance ``1 / fan_in``."""
+    std = math.sqrt(1.0 / weight.shape[1]) / _TRUNCATED_NORMAL_STD
+    return nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
+
+
+def dense(d_in: int, d_out: int) -> nn.Linear:
+    """A ``Linear`` initialised like Flax's ``nn.Dense`` (LeCun-normal kernel, zero bias)."""
+    layer = nn.Linear(d_in, d_out)
+    lecun_normal_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+class Attention(nn.Module):
+    """Multi-head dot-product attention with biased q/k/v/out projections.
+
+    Queries come from ``x`` ``[B, N, E]``; keys and values from ``source`` (``x`` itself for
+    self-attention, a context ``[B, M, source_dim]`` for cross-attention).
+    """
+
+    def __init__(self, dim: int, num_heads: int, source_dim: int | None = None) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"emb_dim {dim} must be divisible by num_heads {num_heads}")
+        source_dim = dim if source_dim is None else source_dim
+        self.num_heads = num_heads
+        self.query = nn.Linear(dim, dim)
+        self.key = nn.Linear(source_dim, dim)
+        self.value = nn.Linear(source_dim, dim)
+        self.out = nn.Linear(dim, dim)
+        for layer in (self.query, self.key, self.value, self.out):
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: Tensor, source: Tensor | None = None) -> Tensor:
+        source = x if source is None else source
+        q, k, v = (
+            einops.rearrange(proj(inp), "b n (h d) -> b h n d", h=self.num_heads)
+            for proj, inp in ((self.query, x), (self.key, source), (self.value, source))
+        )
+        attended = F.scaled_dot_product_attention(q, k, v)
+        return self.out(einops.rearrange(attended, "b h n d -> b n (h d)"))
+
+
+class EncoderBlock(nn.Module):
+    """Pre-LN transformer block: ``x += MHA(LN(x)); x += MLP(LN(x))``, MLP width ``4E``."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.attention_norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.attention = Attention(dim, num_heads)
+        self.mlp_norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim)
+        )
+        for layer in (*self.attention.children(), self.mlp[0], self.mlp[2]):
+            nn.init.xavier_uniform_(layer.weight)
+        for layer in (self.mlp[0], self.mlp[2]):
+            nn.init.normal_(layer.bias, std=1e-6)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attention(self.attention_norm(x))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class ViTConditioner(nn.Module):
+    """Maps a coupling's conditioning half ``[B, N, d_in]`` to ``[B, N, d_out]``.
+
+    With ``context_dim`` set, ``forward(x, context)`` also cross-attends to a context
+    ``[B, M, context_dim]`` right after the position embedding; that attention's output
+    projection starts at zero, so a conditioned coupling starts as the identity too.
+    """
+
+    def __init__(
+        self,
+        *,
+        d_in: int,
+        d_out: int,
+        num_tokens: int,
+        emb_dim: int,
+        depth: int,
+        num_heads: int,
+        context_dim: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_tokens, self.d_in, self.context_dim = num_tokens, d_in, context_dim
+        self.init_proj = dense(d_in, emb_dim)
+        self.posemb = nn.Parameter(torch.randn(1, num_tokens, emb_dim) / math.sqrt(emb_dim))
+        self.cross_attention = None
+        if context_dim is not None:
+            self.cross_attention = Attention(emb_dim, num_heads, source_dim=context_dim)
+            for layer in (
+                self.cross_attention.query,
+                self.cross_attention.key,
+                self.cross_attention.value,
+            ):
+                lecun_normal_(layer.weight)
+            nn.init.zeros_(self.cross_attention.out.weight)
+        self.blocks = nn.ModuleList(EncoderBlock(emb_dim, num_heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(emb_dim, eps=LAYER_NORM_EPS)
+        self.final_proj = nn.Linear(emb_dim, d_out)
+        nn.init.zeros_(self.final_proj.weight)
+        nn.init.zeros_(self.final_proj.bias)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        if x.dim() != 3 or x.shape[1:] != (self.num_tokens, self.d_in):
+            raise ValueError(
+                f"ViTConditioner expects [B, {self.num_tokens}, {self.d_in}], got {list(x.shape)}"
+            )
+        h = self.init_proj(x) + self.posemb
+        if self.cross_attention is not None:
+            if context is None:
+                raise ValueError(
+                    f"this conditioner was built with context_dim={self.context_dim}; "
+                    "pass a context of shape [B, M, context_dim]"
+                )
+            if (
+                context.dim() != 3
+                or context.shape[0] != x.shape[0]
+                or (context.shape[-1] != self.context_dim)
+            ):
+                raise ValueError(
+                    f"context must have shape [{x.shape[0]}, M, {self.context_dim}], "
+                    f"got {list(context.shape)}"
+                )
+            h = h + self.cross_attention(h, context.to(h.dtype))
+        elif context is not None:
+            raise ValueError("a context was given but this conditioner has context_dim=None")
+        for block in self.blocks:
+            h = block(h)
+        return self.final_proj(self.norm(h))

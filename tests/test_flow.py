@@ -1,0 +1,60 @@
+import pytest
+import torch
+from conftest import jacobian_logdet
+from torch import nn
+
+from jetblocks import Flow, FlowSequence, Inverse
+
+
+class Affine(Flow):
+    """``y = a * x + b`` elementwise: a tiny flow with a known log-det."""
+
+    def __init__(self, a: float, b: float) -> None:
+        super().__init__()
+        self.a, self.b = nn.Parameter(torch.tensor(a)), nn.Parameter(torch.tensor(b))
+
+    def forward(self, x, context=None):
+        logdet = torch.log(self.a.abs()) * x[0].numel()
+        return self.a * x + self.b, logdet.expand(x.shape[0]).to(x.dtype)
+
+    def inverse(self, y, context=None):
+        logdet = -torch.log(self.a.abs()) * y[0].numel()
+        return (y - self.b) / self.a, logdet.expand(y.shape[0]).to(y.dtype)
+
+
+def test_flow_is_abstract():
+    with pytest.raises(TypeError):
+        Flow()
+
+
+def test_sequence_applies_flows_in_listed_order():
+    x = torch.randn(4, 3, dtype=torch.float64)
+    flow = FlowSequence([Affine(2.0, 1.0), Affine(3.0, -1.0)]).double()
+    y, logdet = flow(x)
+    torch.testing.assert_close(y, 3.0 * (2.0 * x + 1.0) - 1.0)
+    torch.testing.assert_close(logdet, jacobian_logdet(lambda e: flow(e)[0], x))
+    back, inv_logdet = flow.inverse(y)
+    torch.testing.assert_close(back, x)
+    torch.testing.assert_close(inv_logdet, -logdet)
+    assert len(flow) == 2 and isinstance(flow[1], Affine)
+
+
+def test_inverse_swaps_directions():
+    x = torch.randn(4, 3, dtype=torch.float64)
+    base = Affine(2.0, 1.0).double()
+    flipped = Inverse(base)
+    y, logdet = flipped(x)
+    torch.testing.assert_close(y, (x - 1.0) / 2.0)
+    torch.testing.assert_close(logdet, jacobian_logdet(lambda e: flipped(e)[0], x))
+    torch.testing.assert_close(flipped.inverse(y)[0], x)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "logdet_dtype"),
+    [(torch.float32, torch.float32), (torch.float64, torch.float64), (torch.bfloat16, torch.float32)],
+)
+def test_empty_sequence_logdet_dtype(dtype, logdet_dtype):
+    x = torch.randn(5, 2).to(dtype)
+    y, logdet = FlowSequence([])(x)
+    assert y is x
+    assert logdet.shape == (5,) and logdet.dtype == logdet_dtype
