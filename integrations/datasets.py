@@ -1,0 +1,376 @@
+"""Map-style image sources: image folders, ``.npz`` arrays, CIFAR-10 pickles, built-in sets.
+
+A source has ``len(source)``, ``source[i] -> (image uint8 [C, H, W], label int)`` (label -1
+where there is none) and ``source.image_shape == (C, H, W)``. :func:`open_source` turns a CLI
+string into one. Every problem with the data raises :class:`DataError` (a ``ValueError``)
+naming the file or folder at fault.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import ClassVar, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from jetblocks.integrations import builtin
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+HOLDOUT_FRACTION = 0.1
+HOLDOUT_SEED = 0
+BUILTINS = {
+    "mnist5k": builtin.mnist5k,
+    "digits": builtin.digits,
+    "photo-patches": builtin.photo_patches,
+}
+
+
+class DataError(ValueError):
+    """Unreadable file, wrong shape, empty folder or any other problem with the data."""
+
+
+class UnsafePickleError(DataError):
+    """A pickle asked for a Python object that a CIFAR-10 batch never needs."""
+
+
+class ImageSource(Protocol):
+    """What pipelines need from a source; ``batch(indices)`` is an optional fast path."""
+
+    image_shape: tuple[int, int, int]
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]: ...
+
+
+class ArraySource:
+    """Images held in memory: ``images`` uint8 ``[N, C, H, W]``, ``labels`` int64 ``[N]``."""
+
+    def __init__(self, images: Tensor, labels: Tensor | None = None, name: str = "arrays"):
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] not in (1, 3):
+            raise DataError(
+                f"{name}: expected uint8 images [N, 1 or 3, H, W], got "
+                f"{images.dtype} {list(images.shape)}"
+            )
+        if labels is None:
+            labels = torch.full((len(images),), -1, dtype=torch.long)
+        if labels.shape != (len(images),):
+            raise DataError(
+                f"{name}: {len(images)} images but labels of shape {list(labels.shape)}"
+            )
+        self.images, self.labels, self.name = images, labels.long(), name
+        self.image_shape = tuple(images.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        return self.images[index], int(self.labels[index])
+
+    def batch(self, indices: Sequence[int]) -> dict[str, Tensor]:
+        """``{"image": [B, C, H, W], "label": [B]}`` gathered in one indexing operation."""
+        chosen = torch.as_tensor(indices, dtype=torch.long)
+        return {"image": self.images[chosen], "label": self.labels[chosen]}
+
+
+class Subset:
+    """The items ``indices`` of another source, in that order."""
+
+    def __init__(self, source: ImageSource, indices: Sequence[int]):
+        self.source, self.indices = source, [int(i) for i in indices]
+        self.image_shape = source.image_shape
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        return self.source[self.indices[index]]
+
+    def batch(self, indices: Sequence[int]) -> dict[str, Tensor]:
+        return load_batch(self.source, [self.indices[i] for i in indices])
+
+
+def load_batch(source: ImageSource, indices: Sequence[int]) -> dict[str, Tensor]:
+    """Collate ``source[i]`` for ``i`` in ``indices`` into ``{"image", "label"}`` tensors."""
+    if hasattr(source, "batch"):
+        return source.batch(indices)
+    items = [source[i] for i in indices]
+    if not items:
+        return {
+            "image": torch.zeros(0, *source.image_shape, dtype=torch.uint8),
+            "label": torch.zeros(0, dtype=torch.long),
+        }
+    return {
+        "image": torch.stack([image for image, _ in items]),
+        "label": torch.tensor([label for _, label in items], dtype=torch.long),
+    }
+
+
+class ImageFolder:
+    """PNG/JPEG files found recursively under ``root``, decoded lazily with Pillow.
+
+    Each image is converted to ``channels`` (1: Pillow ``"L"``, 3: ``"RGB"``, alpha dropped),
+    center-cropped to a square of its shorter side, then resized to ``image_size`` with
+    Pillow's antialiased BICUBIC filter. Labels index the sorted names of the first-level
+    subfolders (``classes``); images lying directly in ``root`` get -1. Files and folders
+    whose names start with ``.`` are skipped.
+    """
+
+    def __init__(self, root: str | os.PathLike, image_size: int, channels: int = 3):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DataError(f"image folder {self.root} does not exist")
+        if channels not in (1, 3) or image_size < 1:
+            raise ValueError(
+                f"need channels 1 or 3 and image_size >= 1, got {channels}, {image_size}"
+            )
+        self.files = sorted(
+            path.relative_to(self.root)
+            for path in self.root.rglob("*")
+            if path.suffix.lower() in IMAGE_SUFFIXES
+            and not any(part.startswith(".") for part in path.relative_to(self.root).parts)
+            and path.is_file()
+        )
+        if not self.files:
+            raise DataError(f"image folder {self.root} has no {'/'.join(IMAGE_SUFFIXES)} files")
+        self.classes = sorted({file.parts[0] for file in self.files if len(file.parts) > 1})
+        index = {name: i for i, name in enumerate(self.classes)}
+        self.labels = [index[f.parts[0]] if len(f.parts) > 1 else -1 for f in self.files]
+        self.image_size, self.channels = image_size, channels
+        self.image_shape = (channels, image_size, image_size)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        from PIL import Image, ImageOps
+
+        path = self.root / self.files[index]
+        try:
+            with Image.open(path) as opened:
+                image = ImageOps.exif_transpose(opened).convert(
+                    "L" if self.channels == 1 else "RGB"
+                )
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            raise DataError(f"cannot read image {path}: {error}") from error
+        side = min(image.size)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+        image = image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
+        pixels = pixels[None] if self.channels == 1 else pixels.permute(2, 0, 1)
+        return pixels.contiguous(), self.labels[index]
+
+
+def _square_side(path: Path, pixels: int) -> int:
+    side = round((pixels / 3) ** 0.5)
+    if 3 * side * side != pixels:
+        raise DataError(f"{path}: rows of {pixels} values are not 3 x H x H images")
+    return side
+
+
+def load_npz(path: str | os.PathLike, *, channels: int | None = None) -> ArraySource:
+    """Images from an ``.npz`` file (loaded with ``allow_pickle=False``).
+
+    The images are the array ``data``, ``images`` or ``x``, or else the only array besides
+    ``labels``. A 2-D uint8 ``[N, 3*H*H]`` array is the downsampled-ImageNet layout: rows are
+    channel-first and its ``labels`` are 1-based (1 is subtracted). 4-D arrays are
+    ``[N, H, W, C]`` or ``[N, C, H, W]``, told apart by which of axes 1 and 3 holds
+    ``channels`` (1 or 3 when ``channels`` is None); 3-D ``[N, H, W]`` is grayscale. Optional
+    ``labels`` give the int64 labels.
+    """
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise DataError(f"cannot read arrays from {path}: {error}") from error
+    keys = [key for key in ("data", "images", "x") if key in arrays]
+    others = [key for key in arrays if key != "labels"]
+    if not keys and len(others) != 1:
+        raise DataError(f"{path}: no 'data', 'images' or 'x' array among {sorted(arrays)}")
+    data = arrays[keys[0] if keys else others[0]]
+    if data.dtype != np.uint8:
+        raise DataError(f"{path}: images must be uint8, got {data.dtype}")
+    want = (1, 3) if channels is None else (channels,)
+    if data.ndim == 2 and 3 in want:
+        side = _square_side(path, data.shape[1])
+        images = data.reshape(-1, 3, side, side)
+    elif data.ndim == 3 and 1 in want:
+        images = data[:, None]
+    elif data.ndim == 4 and (data.shape[1] in want) != (data.shape[3] in want):
+        images = data if data.shape[1] in want else data.transpose(0, 3, 1, 2)
+    else:
+        raise DataError(
+            f"{path}: cannot read images with channels in {want} from an array "
+            f"of shape {list(data.shape)} (ambiguous or wrong layout)"
+        )
+    labels = arrays.get("labels")
+    if labels is not None:
+        if labels.ndim != 1 or labels.dtype.kind not in "iu":
+            raise DataError(
+                f"{path}: labels must be a 1-D integer array, got {labels.dtype} "
+                f"{list(labels.shape)}"
+            )
+        labels = torch.from_numpy(labels.astype(np.int64))
+        if data.ndim == 2:
+            if len(labels) and labels.min() < 1:
+                raise DataError(f"{path}: downsampled-ImageNet labels are 1-based, found 0")
+            labels = labels - 1
+    return ArraySource(torch.from_numpy(np.ascontiguousarray(images)), labels, name=str(path))
+
+
+def _latin1_encode(text: str, encoding: str) -> bytes:
+    """The one use of ``_codecs.encode`` in pickles: bytes written by Python 3, protocol < 3."""
+    if encoding != "latin1" or not isinstance(text, str):
+        raise UnsafePickleError(f"refusing _codecs.encode(..., {encoding!r})")
+    return text.encode("latin1")
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler whose ``find_class`` allows only what CIFAR-10 batches contain.
+
+    Dicts, lists, bytes, str and int, plus numpy's array reconstruction (``_reconstruct``,
+    ``ndarray``, ``dtype``, under both ``numpy.core`` and ``numpy._core``). Any other global
+    (``os.system``, ``builtins.eval``, ...) raises :class:`UnsafePickleError`.
+    """
+
+    BUILTINS: ClassVar[dict[str, type]] = {
+        "dict": dict,
+        "list": list,
+        "bytes": bytes,
+        "str": str,
+        "int": int,
+    }
+
+    def find_class(self, module: str, name: str):
+        if module in ("builtins", "__builtin__") and name in self.BUILTINS:
+            return self.BUILTINS[name]
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_encode
+        if module == "numpy" and name in ("ndarray", "dtype"):
+            return getattr(np, name)
+        if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name == "_reconstruct":
+            try:
+                from numpy._core.multiarray import _reconstruct
+            except ImportError:  # numpy < 2
+                from numpy.core.multiarray import _reconstruct
+            return _reconstruct
+        raise UnsafePickleError(f"refusing to load global {module}.{name}")
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as handle:
+            batch = RestrictedUnpickler(handle, encoding="bytes").load()
+    except UnsafePickleError as error:
+        raise UnsafePickleError(f"{path}: {error}; not a CIFAR-10 batch") from error
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError) as error:
+        raise DataError(f"cannot read CIFAR-10 batch {path}: {error}") from error
+    if not isinstance(batch, dict):
+        raise DataError(f"{path}: expected a dict, got {type(batch).__name__}")
+    batch = {key.decode() if isinstance(key, bytes) else key: value for key, value in batch.items()}
+    data, labels = batch.get("data"), np.asarray(batch.get("labels", ()))
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2:
+        raise DataError(f"{path}: 'data' must be a uint8 array [N, 3072]")
+    if data.shape[1] != 3072 or labels.shape != (len(data),) or labels.dtype.kind not in "iu":
+        raise DataError(
+            f"{path}: expected data [N, 3072] and N integer labels, got data "
+            f"{list(data.shape)} and labels {list(labels.shape)}"
+        )
+    return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
+
+
+def load_cifar10(root: str | os.PathLike, split: str) -> ArraySource:
+    """CIFAR-10's python batches in ``root``: ``test_batch``, or the ``data_batch_1..5`` present."""
+    root = Path(root)
+    names = ["test_batch"] if split == "test" else [f"data_batch_{i}" for i in range(1, 6)]
+    files = [root / name for name in names if (root / name).is_file()]
+    if split not in ("train", "test") or not files:
+        raise DataError(f"no CIFAR-10 {split!r} batches ({', '.join(names)}) in {root}")
+    parts = [_read_cifar_batch(file) for file in files]
+    images = torch.from_numpy(np.concatenate([images for images, _ in parts]))
+    labels = torch.from_numpy(np.concatenate([labels for _, labels in parts]))
+    return ArraySource(images, labels, name=str(root))
+
+
+def holdout(
+    source: ImageSource, split: str, fraction: float = HOLDOUT_FRACTION, seed: int = HOLDOUT_SEED
+) -> Subset:
+    """A fixed split of an unsplit source: a seeded ``fraction`` (at least one) is ``"test"``."""
+    count = len(source)
+    if count < 2:
+        raise DataError(
+            f"{getattr(source, 'root', 'source')}: {count} image, cannot hold out a test split"
+        )
+    test_size = max(1, round(count * fraction))
+    order = np.random.default_rng(seed).permutation(count)
+    chosen = order[:test_size] if split == "test" else order[test_size:]
+    return Subset(source, np.sort(chosen))
+
+
+def _check_shape(source: ArraySource, spec: str, image_size: int | None, channels: int | None):
+    c, h, w = source.image_shape
+    if channels not in (None, c) or image_size not in (None, h) or image_size not in (None, w):
+        raise DataError(
+            f"{spec} holds {c}x{h}x{w} images, not the requested "
+            f"{channels or c}x{image_size or h}x{image_size or w}"
+        )
+    return source
+
+
+def open_source(
+    spec: str, split: str, *, image_size: int | None = None, channels: int | None = None
+) -> ImageSource:
+    """The ``split`` (``"train"``/``"test"``) of the data named by ``spec``.
+
+    ``spec`` is ``mnist5k``, ``digits``, ``photo-patches``, or a path. A ``{split}`` in the
+    path is replaced by ``split``. A directory holding ``data_batch_1`` or ``test_batch`` is
+    CIFAR-10; a directory with a ``<split>`` subfolder uses it as an :class:`ImageFolder`;
+    any other directory is an :class:`ImageFolder` (``image_size`` required, ``channels``
+    default 3) and an ``.npz`` file is :func:`load_npz`, both split by :func:`holdout`.
+    In-memory sets keep their own size: a different ``image_size``/``channels`` is an error.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if spec in BUILTINS:
+        images, labels = BUILTINS[spec](split)
+        return _check_shape(ArraySource(images, labels, name=spec), spec, image_size, channels)
+    explicit = "{split}" in spec
+    path = Path(spec.replace("{split}", split))
+    if path.is_dir():
+        if (path / "data_batch_1").is_file() or (path / "test_batch").is_file():
+            return _check_shape(load_cifar10(path, split), spec, image_size, channels)
+        if image_size is None:
+            raise ValueError(f"image folder {path} needs an image_size")
+        if (path / split).is_dir():
+            path, explicit = path / split, True
+        folder = ImageFolder(path, image_size, 3 if channels is None else channels)
+        return folder if explicit else holdout(folder, split)
+    if path.suffix.lower() == ".npz" and path.is_file():
+        arrays = _check_shape(load_npz(path, channels=channels), spec, image_size, channels)
+        return arrays if explicit else holdout(arrays, split)
+    known = ", ".join(BUILTINS)
+    raise DataError(f"{spec!r} is neither a built-in set ({known}) nor a directory or .npz file")
+
+
+__all__ = [
+    "ArraySource",
+    "DataError",
+    "ImageFolder",
+    "ImageSource",
+    "RestrictedUnpickler",
+    "Subset",
+    "UnsafePickleError",
+    "holdout",
+    "load_batch",
+    "load_cifar10",
+    "load_npz",
+    "open_source",
+]
