@@ -6,10 +6,23 @@ embedding ``[1, N, E]`` (+ an optional zero-initialised cross-attention to a con
 + a final LayerNorm + a zero-initialised ``Linear(E -> d_out)``. Initialisers follow the
 reference (Flax): ``Dense`` kernels are LeCun-normal (truncated), attention and MLP kernels
 Xavier-uniform, MLP biases ``N(0, 1e-6)``, other biases zero, LayerNorm eps ``1e-6``.
+
+Attention runs on one of :data:`ATTENTION_BACKENDS` (the same function, up to rounding):
+
+- ``"sdpa"`` (default): ``torch.nn.functional.scaled_dot_product_attention``, which picks
+  PyTorch's fused flash / memory-efficient kernels where it can.
+- ``"math"``: the plain ``softmax(q k^T / sqrt(d)) v`` in matmuls, softmax in float32.
+- ``"xformers"``: ``xformers.ops.memory_efficient_attention`` (``pip install jetblocks[gpu]``),
+  CUDA tensors only. Asking for it where xformers is not installed raises ``ImportError``
+  when the module is built; calling it on non-CUDA tensors raises ``RuntimeError``.
+- ``"auto"``: xformers for CUDA tensors (float16, bfloat16, float32) when it is installed,
+  otherwise ``"sdpa"``; decided on every call, so a model built on the CPU and moved to a
+  GPU picks the fast kernel, and float64 or CPU tensors quietly take SDPA.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import einops
@@ -20,6 +33,42 @@ from torch import Tensor, nn
 LAYER_NORM_EPS = 1e-6
 # Flax truncates its normal initialisers at 2 std and rescales so the variance is kept.
 _TRUNCATED_NORMAL_STD = 0.87962566103423978
+ATTENTION_BACKENDS = ("sdpa", "math", "xformers", "auto")
+
+
+def math_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """``softmax(q k^T / sqrt(d)) v`` for ``[B, H, N, d]``; the softmax runs in float32 or wider."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    wide = torch.promote_types(scores.dtype, torch.float32)
+    return scores.to(wide).softmax(dim=-1).to(v.dtype) @ v
+
+
+def xformers_available() -> bool:
+    """Whether ``xformers.ops.memory_efficient_attention`` can be imported."""
+    if importlib.util.find_spec("xformers") is None:
+        return False
+    try:
+        from xformers.ops import memory_efficient_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def xformers_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """xformers' memory-efficient attention for ``[B, H, N, d]`` tensors (CUDA ones)."""
+    from xformers.ops import memory_efficient_attention
+
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # xformers wants [B, N, H, d]
+    return memory_efficient_attention(q, k, v).transpose(1, 2)
+
+
+def check_attention_backend(backend: str) -> str:
+    """Return ``backend`` if it is one of :data:`ATTENTION_BACKENDS`, else raise ``ValueError``."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(
+            f"unknown attention_backend {backend!r}; expected one of {ATTENTION_BACKENDS}"
+        )
+    return backend
 
 
 def lecun_normal_(weight: Tensor) -> Tensor:
@@ -40,15 +89,28 @@ class Attention(nn.Module):
     """Multi-head dot-product attention with biased q/k/v/out projections.
 
     Queries come from ``x`` ``[B, N, E]``; keys and values from ``source`` (``x`` itself for
-    self-attention, a context ``[B, M, source_dim]`` for cross-attention).
+    self-attention, a context ``[B, M, source_dim]`` for cross-attention). ``backend`` is
+    one of :data:`ATTENTION_BACKENDS` (see the module docstring).
     """
 
-    def __init__(self, dim: int, num_heads: int, source_dim: int | None = None) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        source_dim: int | None = None,
+        backend: str = "sdpa",
+    ) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"emb_dim {dim} must be divisible by num_heads {num_heads}")
         source_dim = dim if source_dim is None else source_dim
-        self.num_heads = num_heads
+        self.num_heads, self.backend = num_heads, check_attention_backend(backend)
+        self._xformers = backend in ("xformers", "auto") and xformers_available()
+        if backend == "xformers" and not self._xformers:
+            raise ImportError(
+                "attention_backend='xformers' needs the xformers package (GPU only): "
+                "`pip install jetblocks[gpu]`, or use attention_backend='sdpa' or 'auto'"
+            )
         self.query = nn.Linear(dim, dim)
         self.key = nn.Linear(source_dim, dim)
         self.value = nn.Linear(source_dim, dim)
@@ -62,17 +124,30 @@ class Attention(nn.Module):
             einops.rearrange(proj(inp), "b n (h d) -> b h n d", h=self.num_heads)
             for proj, inp in ((self.query, x), (self.key, source), (self.value, source))
         )
-        attended = F.scaled_dot_product_attention(q, k, v)
+        if self.backend == "xformers" and not q.is_cuda:
+            raise RuntimeError(
+                f"attention_backend='xformers' runs on CUDA tensors only, got {q.device.type}; "
+                "use attention_backend='sdpa', or 'auto' to fall back to it off the GPU"
+            )
+        if self._xformers and q.is_cuda and q.dtype != torch.float64:
+            attended = xformers_attention(q, k, v)
+        elif self.backend == "math":
+            attended = math_attention(q, k, v)
+        else:
+            attended = F.scaled_dot_product_attention(q, k, v)
         return self.out(einops.rearrange(attended, "b h n d -> b n (h d)"))
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, backend={self.backend!r}"
 
 
 class EncoderBlock(nn.Module):
     """Pre-LN transformer block: ``x += MHA(LN(x)); x += MLP(LN(x))``, MLP width ``4E``."""
 
-    def __init__(self, dim: int, num_heads: int) -> None:
+    def __init__(self, dim: int, num_heads: int, attention_backend: str = "sdpa") -> None:
         super().__init__()
         self.attention_norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
-        self.attention = Attention(dim, num_heads)
+        self.attention = Attention(dim, num_heads, backend=attention_backend)
         self.mlp_norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.mlp = nn.Sequential(
             nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim)
@@ -93,6 +168,7 @@ class ViTConditioner(nn.Module):
     With ``context_dim`` set, ``forward(x, context)`` also cross-attends to a context
     ``[B, M, context_dim]`` right after the position embedding; that attention's output
     projection starts at zero, so a conditioned coupling starts as the identity too.
+    ``attention_backend`` selects the attention kernel of every attention layer.
     """
 
     def __init__(
@@ -105,6 +181,7 @@ class ViTConditioner(nn.Module):
         depth: int,
         num_heads: int,
         context_dim: int | None = None,
+        attention_backend: str = "sdpa",
     ) -> None:
         super().__init__()
         self.num_tokens, self.d_in, self.context_dim = num_tokens, d_in, context_dim
@@ -112,7 +189,9 @@ class ViTConditioner(nn.Module):
         self.posemb = nn.Parameter(torch.randn(1, num_tokens, emb_dim) / math.sqrt(emb_dim))
         self.cross_attention = None
         if context_dim is not None:
-            self.cross_attention = Attention(emb_dim, num_heads, source_dim=context_dim)
+            self.cross_attention = Attention(
+                emb_dim, num_heads, source_dim=context_dim, backend=attention_backend
+            )
             for layer in (
                 self.cross_attention.query,
                 self.cross_attention.key,
@@ -120,7 +199,9 @@ class ViTConditioner(nn.Module):
             ):
                 lecun_normal_(layer.weight)
             nn.init.zeros_(self.cross_attention.out.weight)
-        self.blocks = nn.ModuleList(EncoderBlock(emb_dim, num_heads) for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            EncoderBlock(emb_dim, num_heads, attention_backend) for _ in range(depth)
+        )
         self.norm = nn.LayerNorm(emb_dim, eps=LAYER_NORM_EPS)
         self.final_proj = nn.Linear(emb_dim, d_out)
         nn.init.zeros_(self.final_proj.weight)
