@@ -16,6 +16,7 @@ import abc
 from collections.abc import Iterable
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 
@@ -48,25 +49,33 @@ class Flow(nn.Module, abc.ABC):
 class FlowSequence(Flow):
     """The composition of ``flows`` applied in listed order: ``f_n(...f_2(f_1(x)))``.
 
-    Log-dets add up; :meth:`inverse` runs the flows' inverses in reverse order.
+    Log-dets add up; :meth:`inverse` runs the flows' inverses in reverse order. With
+    ``checkpoint=True`` each flow's activations are recomputed in the backward pass instead
+    of stored (``torch.utils.checkpoint``), as the reference does per coupling.
     """
 
-    def __init__(self, flows: Iterable[Flow]) -> None:
+    def __init__(self, flows: Iterable[Flow], checkpoint: bool = False) -> None:
         super().__init__()
         self.flows = nn.ModuleList(flows)
+        self.checkpoint = checkpoint
+
+    def _run(self, step, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        if self.checkpoint and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(step, x, context, use_reentrant=False)
+        return step(x, context)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         logdet = zero_logdet(x)
         for flow in self.flows:
-            x, step = flow(x, context)
-            logdet = logdet + step
+            x, step_logdet = self._run(flow, x, context)
+            logdet = logdet + step_logdet
         return x, logdet
 
     def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         logdet = zero_logdet(y)
         for flow in reversed(self.flows):
-            y, step = flow.inverse(y, context)
-            logdet = logdet + step
+            y, step_logdet = self._run(flow.inverse, y, context)
+            logdet = logdet + step_logdet
         return y, logdet
 
     def __len__(self) -> int:

@@ -12,11 +12,20 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from jetblocks.checkpoint import (
+    CheckpointError,
+    check_config,
+    load_model_weights,
+    read_json,
+    save_model,
+)
 from jetblocks.couplings import (
     SPATIAL_PATTERNS,
     AffineCoupling,
@@ -27,7 +36,7 @@ from jetblocks.couplings import (
 from jetblocks.flow import Flow, FlowSequence
 from jetblocks.latents import patchify, unpatchify
 from jetblocks.likelihood import PIXEL_BIN, bits_per_dim, dequantize, standard_normal_log_prob
-from jetblocks.vit import ViTConditioner
+from jetblocks.vit import ViTConditioner, check_attention_backend
 
 KINDS = ("channels", "spatial")
 CHANNEL_PATTERNS = ("random",)
@@ -40,8 +49,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                  emb_dim=64, num_heads=4, kinds=("channels", "channels", "spatial"),
                  spatial_patterns=("checkerboard", "checkerboard-inv")),
     # 28x28 grayscale (MNIST): a 7x7 grid cannot be halved spatially, so channels only.
-    "mnist": dict(image_size=(28, 28), channels=1, patch_size=4, depth=16, block_depth=1,
-                  emb_dim=128, num_heads=4, kinds=("channels",), spatial_patterns=()),
+    "mnist": dict(image_size=(28, 28), channels=1, patch_size=4, depth=32, block_depth=1,
+                  emb_dim=32, num_heads=4, kinds=("channels",), spatial_patterns=()),
     # The paper's ImageNet-64 models (reference config: 3.72 and 3.66 bpd).
     "imagenet64": dict(image_size=(64, 64), channels=3, patch_size=4, depth=32, block_depth=2,
                        emb_dim=512, num_heads=8, kinds=_FIVE_KINDS,
@@ -73,13 +82,17 @@ class JetConfig:
     scale_factor: float = 2.0
     seed: int = 0
     context_dim: int | None = None
+    attention_backend: str = "sdpa"  # see jetblocks.vit: sdpa, math, xformers, auto
 
     def __post_init__(self) -> None:
         size = self.image_size
         size = (size, size) if isinstance(size, int) else tuple(size)
-        for name, value in (("image_size", size), ("kinds", self.kinds),
-                            ("channel_patterns", self.channel_patterns),
-                            ("spatial_patterns", self.spatial_patterns)):  # fmt: skip
+        for name, value in (
+            ("image_size", size),
+            ("kinds", self.kinds),
+            ("channel_patterns", self.channel_patterns),
+            ("spatial_patterns", self.spatial_patterns),
+        ):
             object.__setattr__(self, name, tuple(value))
         self._validate()
 
@@ -108,10 +121,13 @@ class JetConfig:
                 "change emb_dim or num_heads"
             )
         if not self.kinds or set(self.kinds) - set(KINDS):
-            raise ValueError(f"JetConfig.kinds must be a non-empty sequence of {KINDS}, got "
-                             f"{self.kinds}")  # fmt: skip
-        for name, allowed in (("channel_patterns", CHANNEL_PATTERNS),
-                              ("spatial_patterns", SPATIAL_PATTERNS)):  # fmt: skip
+            raise ValueError(
+                f"JetConfig.kinds must be a non-empty sequence of {KINDS}, got {self.kinds}"
+            )
+        for name, allowed in (
+            ("channel_patterns", CHANNEL_PATTERNS),
+            ("spatial_patterns", SPATIAL_PATTERNS),
+        ):
             patterns = getattr(self, name)
             if set(patterns) - set(allowed):
                 raise ValueError(f"JetConfig.{name} must be drawn from {allowed}, got {patterns}")
@@ -129,8 +145,13 @@ class JetConfig:
         if self.context_dim is not None and (
             not isinstance(self.context_dim, int) or self.context_dim < 1
         ):
-            raise ValueError(f"JetConfig.context_dim must be None or a positive int, got "
-                             f"{self.context_dim!r}")  # fmt: skip
+            raise ValueError(
+                f"JetConfig.context_dim must be None or a positive int, got {self.context_dim!r}"
+            )
+        try:
+            check_attention_backend(self.attention_backend)
+        except ValueError as error:
+            raise ValueError(f"JetConfig: {error}") from None
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -214,6 +235,7 @@ class Jet(Flow):
                 depth=config.block_depth,
                 num_heads=config.num_heads,
                 context_dim=config.context_dim,
+                attention_backend=config.attention_backend,
             )
             couplings.append(AffineCoupling(split, conditioner, config.scale_factor))
         self.couplings = FlowSequence(couplings)
@@ -283,6 +305,31 @@ class Jet(Flow):
     ) -> Tensor:
         """Bits per dimension ``[B]`` (uint8 input is dequantized first)."""
         return bits_per_dim(*self.encode(images, context, generator))
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` into ``directory``, atomically."""
+        return save_model(self, self.config.to_dict(), directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, config: JetConfig | None = None) -> Jet:
+        """A Jet from :meth:`save_pretrained`'s directory (on the CPU; move it afterwards).
+
+        With ``config`` given, a checkpoint made for another configuration is refused with a
+        message naming every mismatched field.
+        """
+        if config is not None:
+            check_config(config.to_dict(), directory)
+        saved = read_json(Path(directory) / "config.json")
+        try:
+            saved_config = JetConfig.from_dict(saved)
+        except (TypeError, ValueError) as error:
+            raise CheckpointError(
+                f"{directory}/config.json is not a valid JetConfig: {error}"
+            ) from None
+        jet = cls(saved_config)
+        load_model_weights(jet, directory)
+        return jet
 
     def _to_unit(self, images: Tensor, generator: torch.Generator | None) -> Tensor:
         cfg = self.config

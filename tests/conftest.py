@@ -15,12 +15,3 @@ settings.load_profile("jetblocks")
 @pytest.fixture(autouse=True)
 def _seed_everything():
     torch.manual_seed(0)
-
-
-def jacobian_logdet(fn, x):
-    """``log|det J|`` of ``fn`` at each example of ``x`` (``fn`` maps a batch to a batch)."""
-    rows = []
-    for example in x:
-        jac = torch.autograd.functional.jacobian(lambda e: fn(e[None])[0], example)
-        rows.append(torch.linalg.slogdet(jac.reshape(example.numel(), example.numel()))[1])
-    return torch.stack(rows)

@@ -1,0 +1,34 @@
+"""Writing image grids as PNG files (with Pillow), atomically."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import einops
+import torch
+from torch import Tensor
+
+from jetblocks.checkpoint import atomic_file
+
+
+def save_grid(pixels: Tensor, path: str | os.PathLike, ncols: int) -> Path:
+    """Tile uint8 images ``[B, C, H, W]`` (C = 1 or 3) row-major into a PNG at ``path``.
+
+    The file is written to a temporary name beside ``path`` and renamed into place, so a
+    crash never leaves a truncated PNG. Missing cells of the last row are black.
+    """
+    from PIL import Image
+
+    if pixels.dtype != torch.uint8 or pixels.dim() != 4 or pixels.shape[1] not in (1, 3):
+        raise ValueError(
+            f"save_grid expects uint8 images [B, 1 or 3, H, W], got {pixels.dtype} "
+            f"{list(pixels.shape)}"
+        )
+    padding = -len(pixels) % ncols
+    pixels = torch.cat([pixels, pixels.new_zeros(padding, *pixels.shape[1:])])
+    grid = einops.rearrange(pixels.cpu(), "(r k) c h w -> (r h) (k w) c", k=ncols)
+    image = Image.fromarray(grid.squeeze(-1).numpy())
+    with atomic_file(path) as staging:
+        image.save(staging, format="PNG")
+    return Path(path)

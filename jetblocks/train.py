@@ -1,0 +1,441 @@
+"""Training Jet (and models built on it): the reference recipe, checkpoints, exact resume.
+
+The reference recipe (big_vision, ImageNet-64): Adam with b1 = 0.9, b2 = 0.95, eps = 1e-8;
+global-norm clipping at 1.0; cosine decay to 0 after a linear warm-up over the first 10% of
+steps; weight decay ``wd`` on every parameter, *not* multiplied by the learning rate:
+``update = -sched(t) * (lr * adam + wd * theta)``, which is ``torch.optim.AdamW`` with
+``weight_decay = wd / lr``. No EMA, float32.
+
+:class:`Trainer` runs any model through a :class:`Task` (its loss, evaluation and samples),
+in one process or under ``torchrun`` (DDP or FSDP2), and writes into ``out_dir``:
+``checkpoints/step_XXXXXXXX/`` (``config.json``, ``model.safetensors``, ``trainer.json`` +
+``trainer.safetensors``: optimizer, scheduler, EMA, data-loader and RNG states, step),
+``metrics.jsonl`` and ``samples/step_XXXXXXXX.png``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_state_dict,
+)
+
+from jetblocks.checkpoint import (
+    CheckpointError,
+    atomic_directory,
+    check_config,
+    load_state,
+    read_tensors,
+    save_state,
+    write_model_files,
+)
+from jetblocks.flow import FlowSequence
+from jetblocks.integrations.distributed import Distributed, wrap_model
+from jetblocks.integrations.images import save_grid
+from jetblocks.likelihood import PIXEL_BIN, bits_per_dim, pixels_to_unit, to_uint8
+
+Noise = Callable[[torch.Size], Tensor]
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """How to train; the defaults are the reference recipe."""
+
+    steps: int = 10_000
+    batch_size: int = 64  # global: split over ranks and accumulation steps
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 1e-5  # the reference's decoupled decay (not multiplied by lr)
+    grad_clip: float = 1.0
+    warmup_fraction: float = 0.1
+    ema_decay: float | None = None
+    bf16: bool = False
+    grad_accum: int = 1
+    activation_checkpointing: bool = False
+    compile: bool = False
+    distributed: str = "ddp"  # "ddp" or "fsdp" under torchrun
+    eval_every: int = 1000
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    log_every: int = 50
+    sample_temperatures: tuple[float, ...] = (0.5, 0.75, 1.0)
+    samples_per_temperature: int = 8
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.betas, self.sample_temperatures = tuple(self.betas), tuple(self.sample_temperatures)
+        for name in (
+            "steps",
+            "batch_size",
+            "grad_accum",
+            "eval_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "log_every",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr must be positive, got {self.lr}")
+
+    def local_batch_size(self, world_size: int) -> int:
+        """Examples per rank and micro-step; the global batch must split evenly."""
+        parts = world_size * self.grad_accum
+        if self.batch_size % parts:
+            raise ValueError(
+                f"batch_size {self.batch_size} must be divisible by world size x grad_accum "
+                f"= {world_size} x {self.grad_accum}"
+            )
+        return self.batch_size // parts
+
+
+def reference_optimizer(params: Iterable[Tensor], config: TrainConfig) -> torch.optim.AdamW:
+    """Adam with the reference's decoupled weight decay, as ``AdamW(weight_decay=wd / lr)``."""
+    return torch.optim.AdamW(
+        params,
+        lr=config.lr,
+        betas=config.betas,
+        eps=config.eps,
+        weight_decay=config.weight_decay / config.lr,
+    )
+
+
+def warmup_cosine(total_steps: int, warmup_fraction: float) -> Callable[[int], float]:
+    """big_vision's schedule factor: ``min(1, t / warmup) * (1 + cos(pi * progress)) / 2``."""
+    warmup = int(warmup_fraction * total_steps)
+
+    def factor(step: int) -> float:
+        progress = min(max((step - warmup) / max(1, total_steps - warmup), 0.0), 1.0)
+        ramp = min(1.0, step / warmup) if warmup else 1.0
+        return ramp * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class Task(Protocol):
+    """What a :class:`Trainer` needs to know about a model."""
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor], noise: Noise) -> Tensor:
+        """The scalar training loss of a batch (``noise(shape)`` draws ``U[0, 1)``)."""
+
+    def evaluate(
+        self, model: nn.Module, batch: dict[str, Tensor], generator: torch.Generator
+    ) -> dict[str, Tensor]:
+        """Per-example metrics ``{name: [B]}`` of a held-out batch (averaged by the trainer)."""
+
+    def sample(
+        self, model: nn.Module, n: int, temperature: float, generator: torch.Generator
+    ) -> Tensor:
+        """``n`` float images in ``[-1, 1]``."""
+
+
+class JetTask:
+    """Unconditional Jet: minimise bits/dim of uniformly dequantized uint8 images."""
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor], noise: Noise) -> Tensor:
+        pixels = batch["image"]
+        images = pixels_to_unit(pixels) + noise(pixels.shape) * PIXEL_BIN
+        return bits_per_dim(*model(images)).mean()
+
+    def evaluate(
+        self, model: nn.Module, batch: dict[str, Tensor], generator: torch.Generator
+    ) -> dict[str, Tensor]:
+        return {"bits_per_dim": model.bits_per_dim(batch["image"], generator=generator)}
+
+    def sample(
+        self, model: nn.Module, n: int, temperature: float, generator: torch.Generator
+    ) -> Tensor:
+        return model.sample(n, temperature, generator=generator)
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each coupling in backward instead of storing its activations."""
+    for module in model.modules():
+        if isinstance(module, FlowSequence):
+            module.checkpoint = True
+
+
+def checkpoints_in(out_dir: str | Path) -> list[Path]:
+    """Complete checkpoint directories under ``out_dir``, oldest first."""
+    root = Path(out_dir) / "checkpoints"
+    return sorted(root.glob("step_*[0-9]")) if root.is_dir() else []
+
+
+class Trainer:
+    """Runs the training loop; see the module docstring for what it writes."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        config: TrainConfig,
+        *,
+        model_config: dict[str, Any],
+        train_loader: Any,
+        eval_batches: Callable[[], Iterable[dict[str, Tensor]]] | None,
+        out_dir: str | Path,
+        env: Distributed | None = None,
+    ) -> None:
+        self.task, self.config, self.model_config = task, config, model_config
+        self.env = env or Distributed()
+        self.out_dir = Path(out_dir)
+        self.train_loader, self.eval_batches = train_loader, eval_batches
+        self.local_batch = config.local_batch_size(self.env.world_size)
+        self.model = model.to(self.env.device)
+        if config.activation_checkpointing:
+            enable_activation_checkpointing(self.model)
+        self.model = wrap_model(self.model, config.distributed, self.env)
+        self.forward_model = torch.compile(self.model) if config.compile else self.model
+        self.optimizer = reference_optimizer(self.model.parameters(), config)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_cosine(config.steps, config.warmup_fraction)
+        )
+        self.ema = None
+        if config.ema_decay is not None:
+            self.ema = torch.optim.swa_utils.AveragedModel(
+                self.model,
+                multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema_decay),
+            )
+        self.noise_generator = torch.Generator(self.env.device).manual_seed(config.seed)
+        self.step = 0
+
+    # -- randomness ---------------------------------------------------------------------------
+    def uniform_noise(self, shape: torch.Size) -> Tensor:
+        """``U[0, 1)`` for this rank's share of the global batch.
+
+        Every rank draws the noise of the whole global micro-batch from the same generator
+        and keeps its slice, so K processes see exactly the noise one process would.
+        """
+        size = shape[0]
+        full = torch.rand(
+            (size * self.env.world_size, *shape[1:]),
+            generator=self.noise_generator,
+            device=self.env.device,
+        )
+        return full[self.env.rank * size : (self.env.rank + 1) * size]
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.env.device.type, torch.bfloat16, enabled=self.config.bf16)
+
+    # -- the loop -------------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> dict[str, float]:
+        """Train to ``config.steps``; with ``resume`` continue from the last checkpoint."""
+        if resume and (found := checkpoints_in(self.out_dir)):
+            self.restore(found[-1])
+        elif self.env.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "metrics.jsonl").write_text("")
+        batches = iter(self.train_loader)
+        progress = self._progress_bar()
+        last_eval: dict[str, float] = {}
+        interval_start, interval_steps = time.perf_counter(), 0
+        while self.step < self.config.steps:
+            loss = self.train_step(batches)
+            interval_steps += 1
+            progress.update(1)
+            if self.step % self.config.log_every == 0 or self.step == self.config.steps:
+                seconds = time.perf_counter() - interval_start
+                record = {
+                    "step": self.step,
+                    "loss": self._global_mean(loss),
+                    "lr": self.scheduler.get_last_lr()[0],
+                    "images_per_s": interval_steps * self.config.batch_size / seconds,
+                }
+                progress.set_postfix(
+                    loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}"
+                )
+                self._log(record)
+                interval_start, interval_steps = time.perf_counter(), 0
+            if self.step % self.config.eval_every == 0 or self.step == self.config.steps:
+                last_eval = self.evaluate()
+                self._log({"step": self.step, **{f"eval_{k}": v for k, v in last_eval.items()}})
+                self.write_samples()
+            if self.step % self.config.checkpoint_every == 0 or self.step == self.config.steps:
+                self.save_checkpoint()
+            if interval_steps == 0:  # evaluation and checkpoints do not count as training time
+                interval_start = time.perf_counter()
+        progress.close()
+        return last_eval
+
+    def train_step(self, batches: Iterator[dict[str, Tensor]]) -> Tensor:
+        """One optimizer step on the next ``grad_accum`` batches; returns the mean loss."""
+        total = torch.zeros((), device=self.env.device)
+        for micro in range(self.config.grad_accum):
+            batch = self._to_device(next(batches))
+            last = micro == self.config.grad_accum - 1
+            no_sync = getattr(self.model, "no_sync", None)
+            with contextlib.nullcontext() if last or no_sync is None else no_sync():
+                with self.autocast():
+                    loss = self.task.loss(self.forward_model, batch, self.uniform_noise)
+                (loss / self.config.grad_accum).backward()
+            total = total + loss.detach() / self.config.grad_accum
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        self.step += 1
+        return total
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Held-out means of the task's metrics over every rank's shard (same noise each time)."""
+        if self.eval_batches is None:
+            return {}
+        model = self._eval_model()
+        model.eval()
+        generator = torch.Generator(self.env.device).manual_seed(10_007 + self.env.rank)
+        sums: dict[str, Tensor] = {}
+        count = torch.zeros((), dtype=torch.float64, device=self.env.device)
+        for batch in self.eval_batches():
+            with self.autocast():
+                metrics = self.task.evaluate(model, self._to_device(batch), generator)
+            for name, values in metrics.items():
+                sums[name] = sums.get(name, 0) + values.double().sum()
+            count += len(batch["image"])
+        model.train()
+        totals = self.env.all_sum(torch.stack([count, *sums.values()]))
+        return {name: (totals[i + 1] / totals[0]).item() for i, name in enumerate(sums)}
+
+    @torch.no_grad()
+    def write_samples(self) -> Path | None:
+        """A PNG grid: one row of samples per temperature, from a fixed seed."""
+        model, rows = self._eval_model(), []
+        model.eval()
+        for temperature in self.config.sample_temperatures:
+            generator = torch.Generator(self.env.device).manual_seed(self.config.seed)
+            with self.autocast():
+                images = self.task.sample(
+                    model, self.config.samples_per_temperature, temperature, generator
+                )
+            rows.append(to_uint8(images.float()))
+        model.train()
+        if not self.env.is_main or not rows:
+            return None
+        path = self.out_dir / "samples" / f"step_{self.step:08d}.png"
+        return save_grid(torch.cat(rows), path, ncols=self.config.samples_per_temperature)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _options(self) -> StateDictOptions:
+        return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoints/step_XXXXXXXX`` atomically; keep the last ``keep_checkpoints``."""
+        model_state, optimizer_state = get_state_dict(
+            self.model, self.optimizer, options=self._options()
+        )
+        loader_states = self.env.gather_objects(self.train_loader.state_dict())
+        target = self.out_dir / "checkpoints" / f"step_{self.step:08d}"
+        if self.env.is_main:
+            trainer_state = {
+                "step": self.step,
+                "optimizer": optimizer_state,
+                "scheduler": self.scheduler.state_dict(),
+                "ema": None if self.ema is None else self.ema.state_dict(),
+                "loaders": loader_states,
+                "noise_rng": self.noise_generator.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "train_config": dataclasses.asdict(self.config),
+            }
+            with atomic_directory(target) as staging:
+                write_model_files(staging, model_state, self.model_config)
+                save_state(staging, "trainer", trainer_state)
+            for old in checkpoints_in(self.out_dir)[: -self.config.keep_checkpoints]:
+                shutil.rmtree(old)
+        self.env.barrier()
+        return target
+
+    def restore(self, directory: Path) -> None:
+        """Load a checkpoint written by :meth:`save_checkpoint` (same model config, world size)."""
+        check_config(self.model_config, directory)
+        state = load_state(directory, "trainer")
+        if len(state["loaders"]) != self.env.world_size:
+            raise CheckpointError(
+                f"{directory} was written by {len(state['loaders'])} processes; resume it with "
+                f"the same number (this job has {self.env.world_size})"
+            )
+        set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=read_tensors(directory / "model.safetensors"),
+            optim_state_dict=state["optimizer"],
+            options=StateDictOptions(full_state_dict=True),
+        )
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.train_loader.load_state_dict(state["loaders"][self.env.rank])
+        self.noise_generator.set_state(state["noise_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step = state["step"]
+        if self.env.is_main:  # forget what was logged after this checkpoint
+            log = self.out_dir / "metrics.jsonl"
+            kept = [r for r in _read_jsonl(log) if r["step"] <= self.step]
+            log.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _eval_model(self) -> nn.Module:
+        model = self.ema.module if self.ema is not None else self.model
+        return getattr(model, "module", model)  # DDP's wrapped module for eval and sampling
+
+    def _to_device(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
+
+    def _global_mean(self, value: Tensor) -> float:
+        return (self.env.all_sum(value.detach().double().reshape(1)) / self.env.world_size).item()
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.env.is_main:
+            with open(self.out_dir / "metrics.jsonl", "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def _progress_bar(self):
+        from tqdm.auto import tqdm
+
+        return tqdm(
+            total=self.config.steps,
+            initial=self.step,
+            desc="train",
+            unit="step",
+            disable=not (self.config.progress and self.env.is_main),
+            dynamic_ncols=True,
+        )
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of ``out_dir/metrics.jsonl``, in order."""
+    return _read_jsonl(Path(out_dir) / "metrics.jsonl")
+
+
+__all__ = [
+    "JetTask",
+    "Task",
+    "TrainConfig",
+    "Trainer",
+    "checkpoints_in",
+    "read_metrics",
+    "reference_optimizer",
+    "warmup_cosine",
+]
