@@ -13,7 +13,7 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 install: $(BIN)/.installed
 
 demo: install
-	$(BIN)/jetblocks train --preset mnist --data mnist5k --steps 600 --eval-before --out runs/demo
+	$(BIN)/jetblocks train --preset mnist --data mnist5k --steps 600 --lr 3e-3 --eval-before --out runs/demo
 
 lint: install
 	$(BIN)/ruff check .

@@ -1,8 +1,10 @@
 """Held-out bits/dim on mnist5k after 2.5, 5 and 10 minutes of CPU training; writes JSON.
 
-The number of steps that fit the largest budget is estimated from the first steps' speed,
-so the cosine schedule ends near the last budget. Evaluation time is not counted. Run it
-on an idle machine:
+The learning-rate schedule is the recipe's warm-up + cosine over *training time* rather
+than steps: after ``t`` seconds of the largest budget ``T`` the factor is the step
+schedule's at ``t / T``, so the run anneals exactly at the last budget whatever the speed.
+Evaluation time is not counted. Run it on an idle machine: the load average before and
+after is recorded.
 
     python benchmarks/bpd_vs_time.py --preset mnist --out benchmarks/results/bpd_vs_time.json
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 
@@ -19,7 +22,9 @@ import torch
 from jetblocks import Jet, JetConfig
 from jetblocks.checkpoint import atomic_file
 from jetblocks.integrations.torchdata import image_loader, open_source
-from jetblocks.train import JetTask, TrainConfig, Trainer
+from jetblocks.train import JetTask, TrainConfig, Trainer, warmup_cosine
+
+RESOLUTION = 1_000_000  # schedule steps per budget
 
 
 def main() -> None:
@@ -27,53 +32,38 @@ def main() -> None:
     parser.add_argument("--preset", default="mnist")
     parser.add_argument("--minutes", type=float, nargs="+", default=[2.5, 5.0, 10.0])
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument(
-        "--lr", type=float, default=None, help="default: TrainConfig for the preset"
-    )
+    parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--bf16", action="store_true")
-    parser.add_argument("--probe-steps", type=int, default=20)
     parser.add_argument("--out", default="benchmarks/results/bpd_vs_time.json")
     args = parser.parse_args()
 
     torch.manual_seed(0)
+    load_before = os.getloadavg()
     jet_config = JetConfig.preset(args.preset)
     budgets = sorted(60 * m for m in args.minutes)
     train, test = open_source("mnist5k", "train"), open_source("mnist5k", "test")
+    config = TrainConfig(
+        steps=RESOLUTION, batch_size=args.batch_size, lr=args.lr, bf16=args.bf16, progress=False
+    )
+    trainer = Trainer(
+        Jet(jet_config),
+        JetTask(),
+        config,
+        model_config=jet_config.to_dict(),
+        train_loader=image_loader(train, args.batch_size, seed=0),
+        eval_batches=lambda: image_loader(
+            test, 250, seed=0, shuffle=False, drop_last=False, epochs=1
+        ),
+        out_dir="/tmp/jetblocks-bpd-vs-time",
+    )
+    trained = 0.0
+    by_time = warmup_cosine(RESOLUTION, config.warmup_fraction)
+    trainer.scheduler.lr_lambdas[0] = lambda _: by_time(int(RESOLUTION * trained / budgets[-1]))
 
-    def trainer_for(steps: int, out: str) -> Trainer:
-        config = TrainConfig(
-            steps=steps,
-            batch_size=args.batch_size,
-            bf16=args.bf16,
-            progress=False,
-            **({"lr": args.lr} if args.lr else {}),
-        )
-        return Trainer(
-            Jet(jet_config),
-            JetTask(),
-            config,
-            model_config=jet_config.to_dict(),
-            train_loader=image_loader(train, args.batch_size, seed=0),
-            eval_batches=lambda: image_loader(
-                test, 250, seed=0, shuffle=False, drop_last=False, epochs=1
-            ),
-            out_dir=out,
-        )
-
-    probe = trainer_for(10**6, "/tmp/jetblocks-probe")
-    batches = iter(probe.train_loader)
-    probe.train_step(batches)  # warm-up
-    start = time.perf_counter()
-    for _ in range(args.probe_steps):
-        probe.train_step(batches)
-    seconds_per_step = (time.perf_counter() - start) / args.probe_steps
-    total_steps = int(budgets[-1] / seconds_per_step)
-
-    trainer = trainer_for(total_steps, "/tmp/jetblocks-bpd-vs-time")
-    batches, trained, results = iter(trainer.train_loader), 0.0, []
+    batches, results = iter(trainer.train_loader), []
     initial = trainer.evaluate()["bits_per_dim"]
     for budget in budgets:
-        while trained < budget and trainer.step < total_steps:
+        while trained < budget:
             started = time.perf_counter()
             trainer.train_step(batches)
             trained += time.perf_counter() - started
@@ -86,11 +76,11 @@ def main() -> None:
         "preset": args.preset,
         "config": jet_config.to_dict(),
         "batch_size": args.batch_size,
-        "lr": trainer.config.lr,
+        "lr": args.lr,
         "bf16": args.bf16,
-        "planned_steps": total_steps,
-        "seconds_per_step": seconds_per_step,
         "threads": torch.get_num_threads(),
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
         "machine": platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "initial_bits_per_dim": initial,

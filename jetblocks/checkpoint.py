@@ -157,15 +157,28 @@ def save_model(
     return Path(directory)
 
 
-def config_mismatch(expected: dict[str, Any], found: dict[str, Any]) -> list[str]:
-    """``"field: expected X, checkpoint has Y"`` for every field where two configs differ."""
-    normal = json.loads(json.dumps(expected)), json.loads(json.dumps(found))
-    fields = sorted(set(normal[0]) | set(normal[1]))
-    return [
-        f"{name}: expected {normal[0].get(name)!r}, checkpoint has {normal[1].get(name)!r}"
-        for name in fields
-        if normal[0].get(name) != normal[1].get(name)
-    ]
+# Settings that choose how, not what, a model computes: a checkpoint made with one value
+# loads and resumes with another.
+RUNTIME_FIELDS = frozenset({"attention_backend", "backprop"})
+
+
+def config_mismatch(expected: dict[str, Any], found: dict[str, Any], prefix: str = "") -> list[str]:
+    """``"field: expected X, checkpoint has Y"`` for every field where two configs differ.
+
+    Nested dicts are compared field by field (named ``outer.inner``); fields in
+    :data:`RUNTIME_FIELDS` are ignored at any depth.
+    """
+    expected, found = json.loads(json.dumps(expected)), json.loads(json.dumps(found))
+    mismatches = []
+    for name in sorted(set(expected) | set(found)):
+        mine, theirs = expected.get(name), found.get(name)
+        if name in RUNTIME_FIELDS or mine == theirs:
+            continue
+        if isinstance(mine, dict) and isinstance(theirs, dict):
+            mismatches += config_mismatch(mine, theirs, prefix=f"{prefix}{name}.")
+        else:
+            mismatches.append(f"{prefix}{name}: expected {mine!r}, checkpoint has {theirs!r}")
+    return mismatches
 
 
 def check_config(expected: dict[str, Any], directory: str | os.PathLike) -> None:

@@ -315,19 +315,21 @@ class Jet(Flow):
     def from_pretrained(cls, directory: str | os.PathLike, config: JetConfig | None = None) -> Jet:
         """A Jet from :meth:`save_pretrained`'s directory (on the CPU; move it afterwards).
 
-        With ``config`` given, a checkpoint made for another configuration is refused with a
-        message naming every mismatched field.
+        With ``config`` given, the Jet is built from it (so runtime settings such as
+        ``attention_backend`` may differ from the saved ones) and a checkpoint made for
+        another architecture is refused with a message naming every mismatched field.
         """
-        if config is not None:
+        if config is None:
+            saved = read_json(Path(directory) / "config.json")
+            try:
+                config = JetConfig.from_dict(saved)
+            except (TypeError, ValueError) as error:
+                raise CheckpointError(
+                    f"{directory}/config.json is not a valid JetConfig: {error}"
+                ) from None
+        else:
             check_config(config.to_dict(), directory)
-        saved = read_json(Path(directory) / "config.json")
-        try:
-            saved_config = JetConfig.from_dict(saved)
-        except (TypeError, ValueError) as error:
-            raise CheckpointError(
-                f"{directory}/config.json is not a valid JetConfig: {error}"
-            ) from None
-        jet = cls(saved_config)
+        jet = cls(config)
         load_model_weights(jet, directory)
         return jet
 

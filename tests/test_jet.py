@@ -297,3 +297,28 @@ def test_split_and_merge_tokens_factor_out_exactly():
         split_tokens(tokens, 13)
     with pytest.raises(ValueError, match="must agree on all but the last dim"):
         merge_tokens(kept, rest[:, :7])
+
+
+def test_save_and_load_pretrained_round_trip_exactly(tmp_path):
+    jet = perturb_parameters_(Jet(JetConfig(**SMALL)), scale=0.1)
+    jet.save_pretrained(tmp_path / "jet")
+    jet.save_pretrained(tmp_path / "jet")  # overwriting replaces the directory whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["jet"]
+    loaded = Jet.from_pretrained(tmp_path / "jet")
+    assert loaded.config == jet.config
+    x = torch.rand(2, 2, 4, 8) * 2 - 1
+    assert torch.equal(loaded(x)[0], jet(x)[0])
+
+
+def test_broken_pretrained_directories_are_refused(tmp_path):
+    from jetblocks.checkpoint import CheckpointError
+
+    Jet(JetConfig(**SMALL)).save_pretrained(tmp_path / "jet")
+    (tmp_path / "jet" / "config.json").write_text('{"depth": 0}')
+    with pytest.raises(CheckpointError, match="config.json is not a valid JetConfig"):
+        Jet.from_pretrained(tmp_path / "jet")
+    (tmp_path / "jet" / "config.json").write_text("{")
+    with pytest.raises(CheckpointError, match="config.json is corrupt"):
+        Jet.from_pretrained(tmp_path / "jet")
+    with pytest.raises(CheckpointError, match="is missing"):
+        Jet.from_pretrained(tmp_path / "nothing")

@@ -237,3 +237,23 @@ def test_metrics_log_is_json_lines(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
     assert "eval_bits_per_dim" in records[-1] and records[0]["images_per_s"] > 0
+
+
+def test_config_mismatch_names_nested_fields_and_ignores_runtime_settings():
+    from jetblocks.checkpoint import config_mismatch
+
+    saved = {"jet": {"depth": 4, "attention_backend": "sdpa"}, "width": 8}
+    wanted = {"jet": {"depth": 6, "attention_backend": "math"}, "width": 8}
+    assert config_mismatch(wanted, saved) == ["jet.depth: expected 6, checkpoint has 4"]
+    assert config_mismatch({"width": 8, "attention_backend": "math"}, {"width": 8}) == []
+
+
+def test_pretrained_jet_loads_with_another_attention_backend(tmp_path):
+    jet = Jet(DIGITS)
+    jet.save_pretrained(tmp_path / "jet")
+    math_config = JetConfig(**{**DIGITS.to_dict(), "attention_backend": "math"})
+    loaded = Jet.from_pretrained(tmp_path / "jet", config=math_config)
+    assert loaded.config.attention_backend == "math"
+    torch.testing.assert_close(loaded.state_dict(), jet.state_dict())
+    with pytest.raises(CheckpointError, match="depth: expected 5, checkpoint has 4"):
+        Jet.from_pretrained(tmp_path / "jet", config=JetConfig(**{**DIGITS.to_dict(), "depth": 5}))
