@@ -144,23 +144,33 @@ class AffineCoupling(Flow):
             raise ValueError(f"scale_factor must be positive, got {scale_factor}")
         self.split, self.conditioner, self.scale_factor = split, conditioner, float(scale_factor)
 
-    def _halves_and_params(self, x: Tensor, context: Tensor | None):
-        x1, x2 = self.split(x)[0].chunk(2, dim=-1)
+    def affine_params(
+        self, x1: Tensor, context: Tensor | None, island: torch.dtype
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(bias, scale, logdet)`` of the affine map given the conditioning half ``x1``.
+
+        ``bias`` and ``scale`` are ``[B, N, D/2]`` and ``logdet = sum(log_sigmoid(raw) +
+        log(scale_factor))`` is ``[B]``, all in the float ``island`` dtype (autocast off).
+        """
         out = self.conditioner(x1) if context is None else self.conditioner(x1, context)
         if out.shape[:-1] != x1.shape[:-1] or out.shape[-1] != 2 * x1.shape[-1]:
             raise ValueError(
                 f"conditioner must return [..., {2 * x1.shape[-1]}] (bias and raw scale) for "
                 f"a half of shape {list(x1.shape)}, got {list(out.shape)}"
             )
-        island = logdet_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
+        with torch.autocast(x1.device.type, enabled=False):
             bias, raw = out.to(island).chunk(2, dim=-1)
             scale = self.scale_factor * torch.sigmoid(raw)
             # log_sigmoid(raw) as -softplus(-raw): the same function, and torch's CPU
             # logsigmoid kernel is orders of magnitude slower with more than one thread.
             log_sigmoid = -F.softplus(-raw)
             logdet = (log_sigmoid + math.log(self.scale_factor)).flatten(1).sum(1)
-        return x1, x2.to(island), bias, scale, logdet
+        return bias, scale, logdet
+
+    def _halves_and_params(self, x: Tensor, context: Tensor | None):
+        x1, x2 = self.split(x)[0].chunk(2, dim=-1)
+        island = logdet_dtype(x)
+        return x1, x2.to(island), *self.affine_params(x1, context, island)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         x1, x2, bias, scale, logdet = self._halves_and_params(x, context)

@@ -46,25 +46,66 @@ class Flow(nn.Module, abc.ABC):
         """Map ``y`` back to ``x``; return ``(x, logdet)`` of the inverse map."""
 
 
+BACKPROP_MODES = ("standard", "checkpoint", "invertible")
+
+
+def check_backprop(backprop: str) -> str:
+    """Return ``backprop`` if it is one of :data:`BACKPROP_MODES`, else raise ``ValueError``."""
+    if backprop not in BACKPROP_MODES:
+        raise ValueError(f"unknown backprop {backprop!r}; expected one of {BACKPROP_MODES}")
+    return backprop
+
+
 class FlowSequence(Flow):
     """The composition of ``flows`` applied in listed order: ``f_n(...f_2(f_1(x)))``.
 
-    Log-dets add up; :meth:`inverse` runs the flows' inverses in reverse order. With
-    ``checkpoint=True`` each flow's activations are recomputed in the backward pass instead
-    of stored (``torch.utils.checkpoint``), as the reference does per coupling.
+    Log-dets add up; :meth:`inverse` runs the flows' inverses in reverse order.
+    ``backprop`` (an attribute that may be changed at any time) chooses how gradients are
+    computed, all giving the same gradients up to rounding:
+
+    - ``"standard"``: autograd stores every flow's activations;
+    - ``"checkpoint"``: each flow's activations are recomputed in the backward pass
+      (``torch.utils.checkpoint``), as the reference does per coupling; every flow's input
+      is still stored;
+    - ``"invertible"``: only the final output is stored; the backward pass rebuilds each
+      flow's input from its output with the exact inverse (:mod:`jetblocks.memory`), so
+      activation memory does not grow with the number of flows.
+
+    ``checkpoint=True`` is short for ``backprop="checkpoint"``. Without gradients
+    (``torch.no_grad()``) every mode is the plain loop.
     """
 
-    def __init__(self, flows: Iterable[Flow], checkpoint: bool = False) -> None:
+    def __init__(
+        self, flows: Iterable[Flow], checkpoint: bool = False, backprop: str = "standard"
+    ) -> None:
         super().__init__()
         self.flows = nn.ModuleList(flows)
-        self.checkpoint = checkpoint
+        if checkpoint and backprop not in ("standard", "checkpoint"):
+            raise ValueError(f"checkpoint=True contradicts backprop={backprop!r}")
+        self.backprop = check_backprop("checkpoint" if checkpoint else backprop)
+
+    @property
+    def checkpoint(self) -> bool:
+        """Whether ``backprop == "checkpoint"`` (setting it switches to or from it)."""
+        return self.backprop == "checkpoint"
+
+    @checkpoint.setter
+    def checkpoint(self, value: bool) -> None:
+        self.backprop = "checkpoint" if value else "standard"
 
     def _run(self, step, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
-        if self.checkpoint and torch.is_grad_enabled():
+        if self.backprop == "checkpoint" and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(step, x, context, use_reentrant=False)
         return step(x, context)
 
+    def _invertible(self, x: Tensor, context: Tensor | None, inverse: bool):
+        from jetblocks.memory import invertible_backprop  # memory builds on this module
+
+        return invertible_backprop(self.flows, x, context, inverse=inverse)
+
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if self.backprop == "invertible" and torch.is_grad_enabled():
+            return self._invertible(x, context, inverse=False)
         logdet = zero_logdet(x)
         for flow in self.flows:
             x, step_logdet = self._run(flow, x, context)
@@ -72,6 +113,8 @@ class FlowSequence(Flow):
         return x, logdet
 
     def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if self.backprop == "invertible" and torch.is_grad_enabled():
+            return self._invertible(y, context, inverse=True)
         logdet = zero_logdet(y)
         for flow in reversed(self.flows):
             y, step_logdet = self._run(flow.inverse, y, context)

@@ -33,7 +33,7 @@ from jetblocks.couplings import (
     SpatialSplit,
     spatial_halves,
 )
-from jetblocks.flow import Flow, FlowSequence
+from jetblocks.flow import Flow, FlowSequence, check_backprop
 from jetblocks.latents import patchify, unpatchify
 from jetblocks.likelihood import PIXEL_BIN, bits_per_dim, dequantize, standard_normal_log_prob
 from jetblocks.vit import ViTConditioner, check_attention_backend
@@ -83,6 +83,7 @@ class JetConfig:
     seed: int = 0
     context_dim: int | None = None
     attention_backend: str = "sdpa"  # see jetblocks.vit: sdpa, math, xformers, auto
+    backprop: str = "standard"  # see jetblocks.flow.FlowSequence: standard, checkpoint, invertible
 
     def __post_init__(self) -> None:
         size = self.image_size
@@ -150,6 +151,7 @@ class JetConfig:
             )
         try:
             check_attention_backend(self.attention_backend)
+            check_backprop(self.backprop)
         except ValueError as error:
             raise ValueError(f"JetConfig: {error}") from None
 
@@ -210,6 +212,10 @@ class Jet(Flow):
 
     Channel permutations are drawn from ``config.seed`` (saved as buffers); weights use
     PyTorch's global RNG like any ``nn.Module``. Every coupling starts as the identity.
+    ``config.backprop`` chooses how gradients pass the couplings: ``"standard"``,
+    ``"checkpoint"`` or ``"invertible"`` (memory-saving: inputs are rebuilt from outputs in the
+    backward pass, see :mod:`jetblocks.memory`); it can be changed on a built model through
+    ``jet.couplings.backprop``.
     """
 
     def __init__(self, config: JetConfig) -> None:
@@ -238,7 +244,7 @@ class Jet(Flow):
                 attention_backend=config.attention_backend,
             )
             couplings.append(AffineCoupling(split, conditioner, config.scale_factor))
-        self.couplings = FlowSequence(couplings)
+        self.couplings = FlowSequence(couplings, backprop=config.backprop)
 
     # -- the flow ---------------------------------------------------------------------------
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:

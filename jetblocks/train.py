@@ -60,12 +60,13 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 1e-5  # the reference's decoupled decay (not multiplied by lr)
+    decay_kernels_only: bool = False  # True: decay nn.Linear weights only (JetFormer's recipe)
     grad_clip: float = 1.0
     warmup_fraction: float = 0.1
     ema_decay: float | None = None
     bf16: bool = False
     grad_accum: int = 1
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = False  # = JetConfig(backprop="checkpoint") for Jets
     compile: bool = False
     distributed: str = "ddp"  # "ddp" or "fsdp" under torchrun
     eval_every: int = 1000
@@ -104,7 +105,17 @@ class TrainConfig:
         return self.batch_size // parts
 
 
-def reference_optimizer(params: Iterable[Tensor], config: TrainConfig) -> torch.optim.AdamW:
+def parameter_groups(model: nn.Module, kernels_only: bool) -> Iterable[Any]:
+    """All parameters, or ``[kernels, rest with weight_decay 0]`` where kernels are the weights
+    of ``nn.Linear`` layers (not embeddings, biases, norms or position embeddings)."""
+    if not kernels_only:
+        return model.parameters()
+    kernels = {id(m.weight): m.weight for m in model.modules() if isinstance(m, nn.Linear)}
+    rest = [p for p in model.parameters() if id(p) not in kernels]
+    return [{"params": list(kernels.values())}, {"params": rest, "weight_decay": 0.0}]
+
+
+def reference_optimizer(params: Iterable[Any], config: TrainConfig) -> torch.optim.AdamW:
     """Adam with the reference's decoupled weight decay, as ``AdamW(weight_decay=wd / lr)``."""
     return torch.optim.AdamW(
         params,
@@ -128,7 +139,11 @@ def warmup_cosine(total_steps: int, warmup_fraction: float) -> Callable[[int], f
 
 
 class Task(Protocol):
-    """What a :class:`Trainer` needs to know about a model."""
+    """What a :class:`Trainer` needs to know about a model.
+
+    A task may also define ``set_step(step)``: the trainer calls it before each optimizer
+    step with the number of steps done so far (restored on resume).
+    """
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor], noise: Noise) -> Tensor:
         """The scalar training loss of a batch (``noise(shape)`` draws ``U[0, 1)``)."""
@@ -164,10 +179,15 @@ class JetTask:
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each coupling in backward instead of storing its activations."""
+    """Recompute each coupling in backward instead of storing its activations.
+
+    Sets ``backprop = "checkpoint"`` (what ``JetConfig(backprop="checkpoint")`` builds) on
+    every :class:`~jetblocks.flow.FlowSequence` of ``model`` that uses standard backprop; one
+    with ``"invertible"`` backprop, which stores even less, is left as it is.
+    """
     for module in model.modules():
-        if isinstance(module, FlowSequence):
-            module.checkpoint = True
+        if isinstance(module, FlowSequence) and module.backprop == "standard":
+            module.backprop = "checkpoint"
 
 
 def checkpoints_in(out_dir: str | Path) -> list[Path]:
@@ -201,7 +221,9 @@ class Trainer:
             enable_activation_checkpointing(self.model)
         self.model = wrap_model(self.model, config.distributed, self.env)
         self.forward_model = torch.compile(self.model) if config.compile else self.model
-        self.optimizer = reference_optimizer(self.model.parameters(), config)
+        self.optimizer = reference_optimizer(
+            parameter_groups(self.model, config.decay_kernels_only), config
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(config.steps, config.warmup_fraction)
         )
@@ -275,6 +297,8 @@ class Trainer:
     def train_step(self, batches: Iterator[dict[str, Tensor]]) -> Tensor:
         """One optimizer step on the next ``grad_accum`` batches; returns the mean loss."""
         total = torch.zeros((), device=self.env.device)
+        if (set_step := getattr(self.task, "set_step", None)) is not None:
+            set_step(self.step)  # for step-dependent losses, e.g. a noise curriculum
         for micro in range(self.config.grad_accum):
             batch = self._to_device(next(batches))
             last = micro == self.config.grad_accum - 1
@@ -435,6 +459,7 @@ __all__ = [
     "TrainConfig",
     "Trainer",
     "checkpoints_in",
+    "parameter_groups",
     "read_metrics",
     "reference_optimizer",
     "warmup_cosine",

@@ -1,0 +1,328 @@
+"""Images per second of Jet's encode, decode and training step on this machine; writes JSON.
+
+For each named configuration, batch size, precision (``fp32``, ``bf16`` autocast) and mode
+(``eager``, ``compiled`` with ``torch.compile``) it times
+
+- ``encode``: the flow's forward ``jet(images)`` on float images, under ``torch.no_grad()``;
+- ``decode``: ``jet.decode(tokens)`` (the inverse), under ``torch.no_grad()``;
+- ``train``: one full training step: forward, bits/dim loss, backward, global-norm gradient
+  clipping at 1.0 and the reference optimizer (``jetblocks.train.reference_optimizer``,
+  AdamW), then ``zero_grad(set_to_none=True)``, as :class:`jetblocks.train.Trainer` does.
+
+Model FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` on one eager
+float32 call of an identical model with the ``"math"`` attention backend (the counter does
+not see SDPA's CPU kernels): matmuls and attention products, forward for encode/decode,
+forward + backward for a training step (no recomputation, no optimizer). MFU is those
+FLOPs over the median time, as a fraction of the machine's matmul peak, which this script
+measures itself, fp32 and bf16 (the best of several large square ``torch.mm`` products).
+
+Named configurations: ``A`` and ``B`` (the reference measurements below, JAX 0.6.0 / Flax
+0.10.6 on an idle 2-core machine of this kind, fp32) and every ``JetConfig`` preset name.
+Attention runs on the ``"auto"`` backend by default (SDPA in fp32, the matmul path in bf16
+on the CPU). ``--profile`` adds torch.profiler's top ops of each training step to the JSON;
+``--fused-optimizer`` runs the reference AdamW update with torch's fused kernel. Each row
+records the 1-minute load average: on a shared machine, compare rows taken at low load.
+OpenMP threads that spin while they wait (libgomp's default) make a 2-thread run 10x slower
+or worse whenever another process holds one of the two cores; ``OMP_WAIT_POLICY=PASSIVE``
+avoids that but made an idle machine's training step up to 1.5x slower, so the default is
+kept (the value in effect is written to the JSON).
+The first compiled run spends minutes compiling (Inductor caches the result on disk).
+
+    python benchmarks/throughput.py                      # A and B, fp32 + bf16, eager + compiled
+    python benchmarks/throughput.py --configs A --precisions bf16 --modes eager
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from jetblocks import Jet, JetConfig
+from jetblocks.jet import PRESETS
+from jetblocks.likelihood import bits_per_dim
+from jetblocks.testing import perturb_parameters_
+from jetblocks.train import TrainConfig, reference_optimizer
+
+_SIX = ("checkerboard", "checkerboard-inv", "vstripes", "vstripes-inv", "hstripes", "hstripes-inv")
+_FIVE_KINDS = ("channels", "channels", "channels", "channels", "spatial")
+CONFIGS: dict[str, JetConfig] = {
+    "A": JetConfig(image_size=(32, 32), channels=3, patch_size=4, depth=8, block_depth=1,
+                   emb_dim=128, num_heads=4, kinds=_FIVE_KINDS, spatial_patterns=_SIX),
+    "B": JetConfig(image_size=(32, 32), channels=3, patch_size=4, depth=16, block_depth=2,
+                   emb_dim=256, num_heads=4, kinds=_FIVE_KINDS, spatial_patterns=_SIX),
+}  # fmt: skip
+DEFAULT_BATCH = {"A": 32, "B": 32}
+# Images/s of the authors' JAX reference at batch 32, fp32 (see the module docstring).
+REFERENCE = {
+    "A": {"encode": 1038.0, "decode": 1042.0, "train": 136.0},
+    "B": {"encode": 98.0, "decode": 99.0, "train": 11.6},
+}
+TARGET_RATIO = {"encode": 1.0, "decode": 1.0, "train": 1.5}
+OPS = ("encode", "decode", "train")
+
+
+def config_named(name: str, **overrides) -> JetConfig:
+    """Configuration ``A``, ``B`` or a ``JetConfig`` preset, with overrides."""
+    if name in CONFIGS:
+        return dataclasses.replace(CONFIGS[name], **overrides)
+    if name in PRESETS:
+        return JetConfig.preset(name, **overrides)
+    raise SystemExit(f"unknown config {name!r}; expected one of {[*CONFIGS, *PRESETS]}")
+
+
+# -- the machine -------------------------------------------------------------------------------
+def matmul_peak(dtype: torch.dtype, seconds: float = 1.0) -> dict[str, float]:
+    """Best GFLOP/s of ``torch.mm`` over square sizes (``2 n^3`` FLOPs per product)."""
+    best = {}
+    for n in (1024, 2048, 3072):
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        times = _repeat(lambda a=a, b=b: torch.mm(a, b), seconds, warmup=1)
+        best[str(n)] = 2 * n**3 / min(times) / 1e9
+    return {"gflops": max(best.values()), "by_size": best}
+
+
+def machine() -> dict[str, object]:
+    cpu = platform.processor()
+    if os.path.exists("/proc/cpuinfo"):
+        names = [line for line in Path("/proc/cpuinfo").read_text().splitlines()]
+        names = [line.split(":", 1)[1].strip() for line in names if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return {
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
+# -- timing --------------------------------------------------------------------------------------
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _repeat(fn: Callable[[], object], seconds: float, warmup: int = 2, min_runs: int = 3):
+    """Seconds per call of ``fn``, called until ``seconds`` have passed (``min_runs`` at least)."""
+    for _ in range(warmup):
+        fn()
+    _sync()
+    times: list[float] = []
+    started = time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - started < seconds:
+        begin = time.perf_counter()
+        fn()
+        _sync()
+        times.append(time.perf_counter() - begin)
+    return times
+
+
+def model_flops(config: JetConfig, batch: int, device: str) -> dict[str, int]:
+    """FlopCounterMode's counts of encode, decode and a training step's forward + backward."""
+    jet = Jet(dataclasses.replace(config, attention_backend="math", backprop="standard"))
+    jet = perturb_parameters_(jet).to(device)
+    x = torch.rand(batch, config.channels, *config.image_size, device=device) * 2 - 1
+    counts = {}
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        z = jet(x)[0]
+    counts["encode"] = counter.get_total_flops()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        jet.decode(z)
+    counts["decode"] = counter.get_total_flops()
+    with FlopCounterMode(display=False) as counter:
+        bits_per_dim(*jet(x)).mean().backward()
+    counts["train"] = counter.get_total_flops()
+    return counts
+
+
+def workloads(
+    config: JetConfig,
+    batch: int,
+    bf16: bool,
+    compiled: bool,
+    device: str,
+    fused_optimizer: bool = False,
+) -> dict[str, Callable[[], object]]:
+    """The three timed callables on a perturbed Jet (weights do not change the work).
+
+    ``fused_optimizer`` runs the reference optimizer's update (same AdamW hyperparameters,
+    same maths) with PyTorch's fused kernel instead of its default per-parameter loop.
+    """
+    torch.manual_seed(0)
+    jet = perturb_parameters_(Jet(config), scale=0.02).to(device)
+    optimizer = reference_optimizer(jet.parameters(), TrainConfig())
+    if fused_optimizer:
+        hyper = {k: optimizer.defaults[k] for k in ("lr", "betas", "eps", "weight_decay")}
+        optimizer = torch.optim.AdamW(jet.parameters(), **hyper, fused=True)
+    images = torch.rand(batch, config.channels, *config.image_size, device=device) * 2 - 1
+    with torch.no_grad():
+        tokens = jet(images)[0]
+    forward, inverse = jet, jet.decode
+    if compiled:
+        forward, inverse = torch.compile(jet), torch.compile(jet.decode)
+    autocast = torch.autocast(torch.device(device).type, torch.bfloat16, enabled=bf16)
+
+    def encode():
+        with torch.no_grad(), autocast:
+            return forward(images)
+
+    def decode():
+        with torch.no_grad(), autocast:
+            return inverse(tokens)
+
+    def train():
+        with autocast:
+            loss = bits_per_dim(*forward(images)).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(jet.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return {"encode": encode, "decode": decode, "train": train}
+
+
+def profile_table(fn: Callable[[], object], rows: int = 20) -> str:
+    """torch.profiler's table of the ops that took the most time over two calls of ``fn``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        for _ in range(2):
+            fn()
+        _sync()
+    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", nargs="+", default=["A", "B"])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default: 32")
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--modes", nargs="+", default=["eager", "compiled"])
+    parser.add_argument("--ops", nargs="+", default=list(OPS))
+    parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--backprop", default="standard")
+    parser.add_argument("--seconds", type=float, default=3.0, help="timing per measurement")
+    parser.add_argument(
+        "--profile", action="store_true", help="add torch.profiler's top ops of each train step"
+    )
+    parser.add_argument(
+        "--fused-optimizer",
+        action="store_true",
+        help="the reference AdamW update with torch's fused kernel (same maths, fewer ops)",
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default="benchmarks/results/throughput.json")
+    args = parser.parse_args()
+
+    load_before = os.getloadavg()
+    peak = {name: matmul_peak(dtype) for name, dtype in (("fp32", torch.float32),
+                                                          ("bf16", torch.bfloat16))}  # fmt: skip
+    print(f"matmul peak: fp32 {peak['fp32']['gflops']:.0f} GFLOP/s, "
+          f"bf16 {peak['bf16']['gflops']:.0f} GFLOP/s; load {load_before[0]:.2f}")  # fmt: skip
+    results = []
+    for name in args.configs:
+        for batch in args.batch_sizes or [DEFAULT_BATCH.get(name, 32)]:
+            config = config_named(
+                name, attention_backend=args.attention_backend, backprop=args.backprop
+            )
+            flops = model_flops(config, batch, args.device)
+            for mode in args.modes:
+                for precision in args.precisions:
+                    calls = workloads(
+                        config,
+                        batch,
+                        precision == "bf16",
+                        mode == "compiled",
+                        args.device,
+                        args.fused_optimizer,
+                    )
+                    for op in args.ops:
+                        loadavg = os.getloadavg()[0]
+                        started = time.perf_counter()
+                        calls[op]()  # the first call compiles in compiled mode
+                        first = time.perf_counter() - started
+                        times = _repeat(calls[op], args.seconds, warmup=1)
+                        median = statistics.median(times)
+                        row = {
+                            "config": name,
+                            "batch": batch,
+                            "precision": precision,
+                            "mode": mode,
+                            "op": op,
+                            "images_per_s": batch / median,
+                            "images_per_s_best": batch / min(times),
+                            "ms_median": 1e3 * median,
+                            "runs": len(times),
+                            "first_call_s": first,
+                            "model_gflop": flops[op] / 1e9,
+                            "gflops": flops[op] / median / 1e9,
+                            "mfu": flops[op] / median / 1e9 / peak[precision]["gflops"],
+                            "load_1min": loadavg,
+                            "optimizer": "AdamW fused" if args.fused_optimizer else "AdamW",
+                        }
+                        reference = REFERENCE.get(name, {}).get(op) if batch == 32 else None
+                        if reference is not None:
+                            row["reference_images_per_s"] = reference
+                            # The model FLOP rate the reference's figure implies, and that
+                            # rate against this machine's fp32 matmul peak measured above.
+                            row["reference_gflops"] = flops[op] * reference / batch / 1e9
+                            row["reference_fraction_of_fp32_peak"] = (
+                                row["reference_gflops"] / peak["fp32"]["gflops"]
+                            )
+                            row["ratio_to_reference"] = row["images_per_s"] / reference
+                            row["target_ratio"] = TARGET_RATIO[op]
+                            row["target_met"] = row["ratio_to_reference"] >= TARGET_RATIO[op]
+                        if args.profile and op == "train":
+                            row["profile"] = profile_table(calls[op])
+                        results.append(row)
+                        print(_format(row), flush=True)
+                        if "profile" in row:
+                            print(row["profile"], flush=True)
+                    del calls
+    report = {
+        "benchmark": "throughput",
+        "machine": machine(),
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "matmul_peak_gflops": peak,
+        "flops": "FlopCounterMode, eager fp32, math attention: matmuls + attention products; "
+        "train = forward + backward",
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "results": results,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+def _format(row: dict) -> str:
+    text = (
+        f"{row['config']:>4} b{row['batch']:<4} {row['precision']:>4} {row['mode']:>8} "
+        f"{row['op']:>6}: {row['images_per_s']:8.1f} img/s (best {row['images_per_s_best']:7.1f})"
+        f"  {row['gflops']:6.1f} GFLOP/s  MFU {100 * row['mfu']:4.1f}%"
+    )
+    if "ratio_to_reference" in row:
+        mark = "ok" if row["target_met"] else "below"
+        text += f"  x{row['ratio_to_reference']:.2f} ref (target x{row['target_ratio']}: {mark})"
+    return text + f"  load {row['load_1min']:.1f}"
+
+
+if __name__ == "__main__":
+    main()
