@@ -2,7 +2,9 @@
 
 from jetblocks.couplings import AffineCoupling, ChannelSplit, SpatialSplit
 from jetblocks.flow import Flow, FlowSequence, Inverse
+from jetblocks.heads import GaussianMixture, GMMHead, guided_gaussian, sample_guided
 from jetblocks.jet import PRESETS, Jet, JetConfig
+from jetblocks.jetformer import NoiseCurriculum, image_bits_per_dim
 from jetblocks.latents import merge_tokens, patchify, split_tokens, unpatchify
 from jetblocks.likelihood import bits_per_dim, dequantize, standard_normal_log_prob, to_uint8
 from jetblocks.vit import ViTConditioner
@@ -15,15 +17,21 @@ __all__ = [
     "ChannelSplit",
     "Flow",
     "FlowSequence",
+    "GMMHead",
+    "GaussianMixture",
     "Inverse",
     "Jet",
     "JetConfig",
+    "NoiseCurriculum",
     "SpatialSplit",
     "ViTConditioner",
     "bits_per_dim",
     "dequantize",
+    "guided_gaussian",
+    "image_bits_per_dim",
     "merge_tokens",
     "patchify",
+    "sample_guided",
     "split_tokens",
     "standard_normal_log_prob",
     "to_uint8",

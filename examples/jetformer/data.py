@@ -1,0 +1,240 @@
+"""Data for the JetFormer example: captioned coloured shapes it draws itself, digit captions.
+
+**Shapes** (16x16 RGB, black background): two objects of 7x7 pixels, each a square, a circle
+or a triangle in red, green, blue or yellow, one above the other or side by side. Every
+image has a caption drawn from several phrasings of the same scene (``"a red square above
+a blue circle"``, ``"a blue circle below a red square"``, ``"there is a red square on top
+of a blue circle"``, ...). :func:`parse_scene` reads the scene back from pixels, so the
+example can score how well generated images match their prompts.
+
+**Digits**: captions such as ``"a handwritten seven"`` or ``"the digit 7"`` for labelled sets.
+
+:class:`CaptionedSource` is an image source (see ``jetblocks.integrations.datasets``) whose
+batches also hold ``text`` (token ids ``[B, L]``) and ``text_mask`` (the caption loss mask).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (60, 90, 240),
+    "yellow": (230, 210, 40),
+}
+SHAPES = ("square", "circle", "triangle")
+SIZE, OBJECT = 16, 7
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+# (first object, relation words, second object): first is above / left of second.
+_VERTICAL = ("above", "on top of", "over")
+_VERTICAL_REVERSED = ("below", "under", "beneath")
+_HORIZONTAL = ("left of", "to the left of")
+_HORIZONTAL_REVERSED = ("right of", "to the right of")
+_TEMPLATES = ("{a} {rel} {b}", "there is {a} {rel} {b}", "{a} is {rel} {b}", "{A} {rel} {B}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Scene:
+    """``first`` is above (``vertical``) or left of (not ``vertical``) ``second``."""
+
+    first: tuple[str, str]  # (colour, shape)
+    second: tuple[str, str]
+    vertical: bool
+
+
+def random_scene(rng: np.random.Generator) -> Scene:
+    def thing():
+        return (str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)))
+
+    return Scene(thing(), thing(), bool(rng.integers(2)))
+
+
+def describe(scene: Scene, rng: np.random.Generator | None = None) -> str:
+    """A caption of ``scene``; with ``rng`` one of several phrasings, else the plain one."""
+    if rng is None:
+        rel = "above" if scene.vertical else "left of"
+        return f"a {' '.join(scene.first)} {rel} a {' '.join(scene.second)}"
+    a, b = scene.first, scene.second
+    if rng.integers(2):  # name the second object first
+        a, b = b, a
+        rel = rng.choice(_VERTICAL_REVERSED if scene.vertical else _HORIZONTAL_REVERSED)
+    else:
+        rel = rng.choice(_VERTICAL if scene.vertical else _HORIZONTAL)
+    template = _TEMPLATES[rng.integers(len(_TEMPLATES))]
+    return template.format(
+        a=f"a {' '.join(a)}", b=f"a {' '.join(b)}", A=" ".join(a), B=" ".join(b), rel=rel
+    )
+
+
+def _mask(shape: str) -> np.ndarray:
+    """A ``7x7`` boolean mask of a square, a circle or an upward triangle."""
+    i, j = np.mgrid[:OBJECT, :OBJECT]
+    centre = (OBJECT - 1) / 2
+    if shape == "square":
+        return np.ones((OBJECT, OBJECT), dtype=bool)
+    if shape == "circle":
+        return (i - centre) ** 2 + (j - centre) ** 2 <= (OBJECT / 2) ** 2
+    return np.abs(j - centre) <= i / 2  # triangle: row i is i + 1 pixels wide
+
+
+def render(scene: Scene, rng: np.random.Generator) -> np.ndarray:
+    """The scene as uint8 ``[3, 16, 16]``, each object placed at random in its half."""
+    canvas = np.zeros((SIZE, SIZE, 3), dtype=np.uint8)
+    for index, (colour, shape) in enumerate((scene.first, scene.second)):
+        if scene.vertical:  # halves are 8 x 16
+            top = index * SIZE // 2 + int(rng.integers(0, SIZE // 2 - OBJECT + 1))
+            left = int(rng.integers(0, SIZE - OBJECT + 1))
+        else:
+            top = int(rng.integers(0, SIZE - OBJECT + 1))
+            left = index * SIZE // 2 + int(rng.integers(0, SIZE // 2 - OBJECT + 1))
+        region = canvas[top : top + OBJECT, left : left + OBJECT]
+        region[_mask(shape)] = COLOURS[colour]
+    return canvas.transpose(2, 0, 1).copy()
+
+
+@functools.cache
+def shapes_dataset(count: int, seed: int) -> tuple[Tensor, list[Scene], list[str]]:
+    """``count`` images ``uint8 [count, 3, 16, 16]``, their scenes and captions (seeded).
+
+    Cached per process: callers must not modify what they get.
+    """
+    rng = np.random.default_rng(seed)
+    scenes = [random_scene(rng) for _ in range(count)]
+    images = np.stack([render(scene, rng) for scene in scenes])
+    captions = [describe(scene, rng) for scene in scenes]
+    return torch.from_numpy(images), scenes, captions
+
+
+def parse_half(pixels: np.ndarray) -> tuple[str, str] | None:
+    """``(colour, shape)`` of the object in ``pixels [h, w, 3]``, or None if it is empty.
+
+    Colour: the palette colour nearest the mean of the lit pixels. Shape: how much of its
+    bounding box the object fills (square 1, circle ~0.76, triangle ~0.57).
+    """
+    lit = pixels.max(-1) > 100
+    if lit.sum() < 4:
+        return None
+    mean = pixels[lit].mean(0)
+    colour = min(COLOURS, key=lambda c: float(np.square(mean - COLOURS[c]).sum()))
+    rows, cols = np.nonzero(lit)
+    box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+    fill = lit.sum() / box
+    shape = "square" if fill > 0.88 else "circle" if fill > 0.66 else "triangle"
+    return colour, shape
+
+
+def parse_scene(image: Tensor, vertical: bool) -> tuple[tuple[str, str] | None, ...]:
+    """The two objects of a uint8 ``[3, 16, 16]`` image split along the scene's axis."""
+    pixels = image.permute(1, 2, 0).cpu().numpy()
+    if vertical:
+        halves = pixels[: SIZE // 2], pixels[SIZE // 2 :]
+    else:
+        halves = pixels[:, : SIZE // 2], pixels[:, SIZE // 2 :]
+    return tuple(parse_half(half) for half in halves)
+
+
+def scene_agreement(image: Tensor, scene: Scene) -> float:
+    """Fraction of the 4 attributes (2 colours, 2 shapes) that ``image`` gets right."""
+    found = parse_scene(image, scene.vertical)
+    score = 0
+    for want, got in zip((scene.first, scene.second), found, strict=True):
+        if got is not None:
+            score += (want[0] == got[0]) + (want[1] == got[1])
+    return score / 4
+
+
+def parse_caption(text: str) -> Scene | None:
+    """The scene a caption describes (the inverse of :func:`describe`), or None."""
+    words = text.lower().replace("to the", "").split()
+    things = [
+        (words[i - 1], word)
+        for i, word in enumerate(words)
+        if word in SHAPES and i > 0 and words[i - 1] in COLOURS
+    ]
+    relations = {"above": (True, False), "on": (True, False), "over": (True, False),
+                 "below": (True, True), "under": (True, True), "beneath": (True, True),
+                 "left": (False, False), "right": (False, True)}  # fmt: skip
+    found = [relations[word] for word in words if word in relations]
+    if len(things) != 2 or len(found) != 1:
+        return None
+    vertical, reversed_ = found[0]
+    first, second = things[::-1] if reversed_ else things
+    return Scene(first, second, vertical)
+
+
+def digit_caption(label: int, rng: np.random.Generator) -> str:
+    name = DIGIT_NAMES[label]
+    article = "an" if name[0] in "aeiou" else "a"
+    options = (
+        f"{article} handwritten {name}",
+        f"the digit {label}",
+        f"the number {name}",
+        f"{article} {name}",
+        f"a picture of the digit {name}",
+    )
+    return options[rng.integers(len(options))]
+
+
+def digit_of_caption(text: str) -> int:
+    """The digit a caption names (as a word or a numeral), or -1."""
+    for word in text.lower().split():
+        if word in DIGIT_NAMES:
+            return DIGIT_NAMES.index(word)
+        if word.isdigit() and len(word) == 1:
+            return int(word)
+    return -1
+
+
+def digit_captions(labels: Sequence[int], seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [digit_caption(int(label), rng) for label in labels]
+
+
+class CaptionedSource:
+    """Images in memory with labels and tokenized captions; batches are dicts of tensors."""
+
+    def __init__(self, images: Tensor, labels: Tensor, text: Tensor, text_mask: Tensor):
+        if not len(images) == len(labels) == len(text) == len(text_mask):
+            raise ValueError("images, labels and captions must have the same length")
+        self.images, self.labels, self.text, self.text_mask = images, labels, text, text_mask
+        self.image_shape = tuple(images.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        return self.images[index], int(self.labels[index])
+
+    def batch(self, indices: Sequence[int]) -> dict[str, Tensor]:
+        chosen = torch.as_tensor(indices, dtype=torch.long)
+        return {
+            "image": self.images[chosen],
+            "label": self.labels[chosen],
+            "text": self.text[chosen],
+            "text_mask": self.text_mask[chosen],
+        }
+
+
+__all__ = [
+    "COLOURS",
+    "SHAPES",
+    "CaptionedSource",
+    "Scene",
+    "describe",
+    "digit_captions",
+    "digit_of_caption",
+    "parse_caption",
+    "parse_scene",
+    "random_scene",
+    "render",
+    "scene_agreement",
+    "shapes_dataset",
+]

@@ -1,0 +1,111 @@
+"""JetFormer as a :class:`jetblocks.train.Task`: its loss, held-out metrics and samples.
+
+Per training example (randomness from the trainer's resumable, rank-aware uniform noise):
+
+1. noise curriculum on the uint8 pixels (``NoiseCurriculum``), then ``U[0, 1/127.5)``
+   dequantization;
+2. text first with probability ``text_first_prob`` (else image first: captioning);
+3. for text-first examples, the whole prefix is replaced by NOLABEL tokens with probability
+   ``drop_prob`` (classifier-free guidance);
+4. only the suffix is trained: ``image_bits`` (JetFormer's image NLL, bits per pixel-dim)
+   for text-first examples, ``text_weight * text_nll`` (nats per caption token) for
+   image-first ones, whose image prefix reaches Jet with the gradient stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from jetblocks.jetformer import NoiseCurriculum, normal_from_uniform
+from jetblocks.likelihood import PIXEL_BIN, dequantize
+
+from .sampling import sample_images
+
+
+@dataclasses.dataclass
+class TaskConfig:
+    """How a JetFormer is trained and how the trainer's sample grids are drawn."""
+
+    conditioning: str = "class"  # "class" (labels) or "text" (captions)
+    text_first_prob: float = 1.0
+    drop_prob: float = 0.1
+    text_weight: float = 1.0
+    sigma_start: float = 64.0
+    sigma_end: float = 0.0
+    curriculum_steps: int = 1
+    guidance: float = 0.0  # for the sample grids written during training
+
+    def __post_init__(self) -> None:
+        if self.conditioning not in ("class", "text"):
+            raise ValueError(f"conditioning must be 'class' or 'text', got {self.conditioning!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def text_of(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """``(text [B, L], loss mask [B, L])``: the captions, or the class label as one token."""
+    if "text" in batch:
+        return batch["text"], batch["text_mask"].bool()
+    label = batch["label"][:, None]
+    return label, torch.ones_like(label, dtype=torch.bool)
+
+
+class JetFormerTask:
+    """Loss, evaluation and samples for :class:`jetblocks.train.Trainer`."""
+
+    def __init__(self, config: TaskConfig, prompts: Tensor) -> None:
+        self.config, self.prompts, self.step = config, prompts, 0
+        self.curriculum = NoiseCurriculum(
+            config.sigma_start, config.sigma_end, max(1, config.curriculum_steps)
+        )
+
+    def set_step(self, step: int) -> None:
+        self.step = step
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor], noise) -> Tensor:
+        cfg, pixels = self.config, batch["image"]
+        text, text_mask = text_of(batch)
+        normal = normal_from_uniform(noise(pixels.shape))
+        images = self.curriculum(pixels, self.step, normal=normal)
+        images = images + noise(pixels.shape) * PIXEL_BIN
+        coins = noise(torch.Size((len(pixels), 2)))
+        text_first = coins[:, 0] < cfg.text_first_prob
+        drop = (coins[:, 1] < cfg.drop_prob) & text_first
+        out = model(images, text, text_mask, text_first, drop)
+        per_example = torch.where(text_first, out["image_bits"], cfg.text_weight * out["text_nll"])
+        return per_example.mean()
+
+    def evaluate(
+        self, model: nn.Module, batch: dict[str, Tensor], generator: torch.Generator
+    ) -> dict[str, Tensor]:
+        """Held-out image bits/dim (no curriculum noise, no dropout); caption NLL for text."""
+        pixels = batch["image"]
+        text, text_mask = text_of(batch)
+        images = dequantize(pixels, generator).to(next(model.parameters()).dtype)
+        ones = torch.ones(len(pixels), dtype=torch.bool, device=pixels.device)
+        metrics = {"bits_per_dim": model(images, text, text_mask, ones)["image_bits"]}
+        if self.config.text_first_prob < 1.0:
+            metrics["caption_nll"] = model(images, text, text_mask, ~ones)["text_nll"]
+        return metrics
+
+    def sample(
+        self, model: nn.Module, n: int, temperature: float, generator: torch.Generator
+    ) -> Tensor:
+        """``n`` images for the prompts in turn (class ``i % 10`` or caption ``i % P``)."""
+        index = torch.arange(n) % len(self.prompts)
+        text = self.prompts[index].to(next(model.parameters()).device)
+        return sample_images(
+            model,
+            text,
+            guidance=self.config.guidance,
+            temperature=temperature,
+            generator=generator,
+        )
+
+
+__all__ = ["JetFormerTask", "TaskConfig", "text_of"]

@@ -1,0 +1,113 @@
+"""Caption tokenizer: train a sentencepiece model from text, load it, encode and decode.
+
+Ids: ``0`` pad, ``1`` unknown, ``2`` end of sentence, then the learned pieces (no BOS: the
+model that consumes the ids adds its own). :meth:`SentencePieceTokenizer.encode_batch` pads
+or cuts captions to a fixed length and appends EOS, returning the ids and a mask of the
+positions a caption loss should cover (the caption and its EOS).
+
+Needs ``sentencepiece`` (``pip install "jetblocks[data]"``).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from jetblocks.checkpoint import atomic_file
+
+PAD_ID, UNK_ID, EOS_ID = 0, 1, 2
+
+
+def _spm():
+    try:
+        import sentencepiece
+    except ImportError as error:
+        raise ImportError(
+            "the caption tokenizer needs sentencepiece: pip install 'jetblocks[data]'"
+        ) from error
+    return sentencepiece
+
+
+class SentencePieceTokenizer:
+    """A loaded sentencepiece model (its serialized bytes are kept, so it can be saved)."""
+
+    def __init__(self, model_proto: bytes) -> None:
+        self.model_proto = model_proto
+        self.processor = _spm().SentencePieceProcessor(model_proto=model_proto)
+        if self.processor.pad_id() != PAD_ID or self.processor.eos_id() != EOS_ID:
+            raise ValueError(
+                f"expected pad id {PAD_ID} and eos id {EOS_ID}, the model has "
+                f"{self.processor.pad_id()} and {self.processor.eos_id()}"
+            )
+
+    @classmethod
+    def train(
+        cls,
+        texts: Iterable[str],
+        vocab_size: int = 64,
+        *,
+        model_type: str = "unigram",
+    ) -> SentencePieceTokenizer:
+        """Learn a model of at most ``vocab_size`` ids from ``texts`` (one thread, seeded)."""
+        proto = io.BytesIO()
+        _spm().SentencePieceTrainer.train(
+            sentence_iterator=iter(list(texts)),
+            model_writer=proto,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            hard_vocab_limit=False,
+            character_coverage=1.0,
+            pad_id=PAD_ID,
+            unk_id=UNK_ID,
+            eos_id=EOS_ID,
+            bos_id=-1,
+            num_threads=1,
+            minloglevel=2,
+        )
+        return cls(proto.getvalue())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> SentencePieceTokenizer:
+        """Read a ``.model`` file written by :meth:`save` (or by sentencepiece itself)."""
+        return cls(Path(path).read_bytes())
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the model to ``path`` atomically."""
+        with atomic_file(path) as staging:
+            staging.write_bytes(self.model_proto)
+        return Path(path)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.processor.get_piece_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.processor.encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids``, stopping at the first EOS and skipping padding."""
+        ids = [int(i) for i in ids]
+        if EOS_ID in ids:
+            ids = ids[: ids.index(EOS_ID)]
+        return self.processor.decode([i for i in ids if i != PAD_ID])
+
+    def encode_batch(self, texts: Sequence[str], length: int) -> tuple[Tensor, Tensor]:
+        """``(ids int64 [B, length], loss mask bool [B, length])``: caption + EOS, then pads.
+
+        Captions longer than ``length - 1`` pieces are cut (the EOS is always kept).
+        """
+        ids = torch.full((len(texts), length), PAD_ID, dtype=torch.long)
+        mask = torch.zeros((len(texts), length), dtype=torch.bool)
+        for row, text in enumerate(texts):
+            pieces = [*self.encode(text)[: length - 1], EOS_ID]
+            ids[row, : len(pieces)] = torch.tensor(pieces)
+            mask[row, : len(pieces)] = True
+        return ids, mask
+
+
+__all__ = ["EOS_ID", "PAD_ID", "UNK_ID", "SentencePieceTokenizer"]

@@ -1,0 +1,201 @@
+"""A Gaussian-mixture output head for autoregressive models over continuous soft tokens.
+
+Per position, ``GMMHead`` maps a hidden state ``h [..., width]`` through one
+``Linear(width -> K + 2*K*d)`` to mixture logits ``a [K]``, means ``mu [K, d]`` and scale
+pre-activations ``s [K, d]`` (laid out as the reference: ``[a | (K, 2, d)]``, loc before
+scale), with ``sigma = max(squareplus(s), 1e-6)`` and ``squareplus(s) = (s + sqrt(s^2 + 4))/2``:
+
+    p(z) = sum_k softmax(a)_k prod_j N(z_j; mu_kj, sigma_kj)
+
+Everything downstream of the hidden state runs in float32, also under bf16 autocast.
+
+Classifier-free guidance (:func:`sample_guided`) draws one component ``k`` from the
+*conditional* mixture, then samples every dim from the normalised
+``N(x; mu_c, sigma_c)^(1+w) / N(x; mu_u, sigma_u)^w`` of component ``k``: a Gaussian with
+precision ``(1+w)/sigma_c^2 - w/sigma_u^2`` and mean
+``((1+w) mu_c/sigma_c^2 - w mu_u/sigma_u^2) / precision`` where that precision is positive,
+and ``N(mu_c, sigma_c)`` where it is not. A temperature ``T`` multiplies every sigma first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SCALE_FLOOR = 1e-6
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def squareplus(x: Tensor) -> Tensor:
+    """``(x + sqrt(x^2 + 4)) / 2``: smooth, positive, ``~x`` for large ``x``, 1 at 0."""
+    return 0.5 * (x + torch.sqrt(x.square() + 4.0))
+
+
+@dataclasses.dataclass
+class GaussianMixture:
+    """A diagonal Gaussian mixture per position.
+
+    ``logits [..., K]``, ``means [..., K, d]`` and ``scales [..., K, d]`` (sigmas), float32.
+    """
+
+    logits: Tensor
+    means: Tensor
+    scales: Tensor
+
+    @property
+    def num_mixtures(self) -> int:
+        return self.logits.shape[-1]
+
+    def component_log_prob(self, tokens: Tensor) -> Tensor:
+        """``log N(tokens; mu_k, sigma_k)`` summed over the ``d`` dims, ``[..., K]``."""
+        z = tokens.to(self.means.dtype).unsqueeze(-2)
+        normal = -0.5 * ((z - self.means) / self.scales).square() - self.scales.log()
+        return normal.sum(-1) - tokens.shape[-1] * _HALF_LOG_2PI
+
+    def log_prob(self, tokens: Tensor) -> Tensor:
+        """``log p(tokens)`` ``[...]`` in nats for tokens ``[..., d]``."""
+        log_weights = self.logits.log_softmax(-1)
+        return torch.logsumexp(log_weights + self.component_log_prob(tokens), dim=-1)
+
+    def sample_component(self, generator: torch.Generator | None = None) -> Tensor:
+        """One component index ``[...]`` per position, ``k ~ softmax(logits)``."""
+        probs = self.logits.softmax(-1).reshape(-1, self.num_mixtures)
+        if generator is not None:
+            probs = probs.to(generator.device)
+        index = torch.multinomial(probs, 1, generator=generator)
+        return index.reshape(self.logits.shape[:-1]).to(self.logits.device)
+
+    def select(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        """``(mu, sigma)`` ``[..., d]`` of component ``index [...]`` at every position."""
+        gather = index[..., None, None].expand(*index.shape, 1, self.means.shape[-1])
+        return self.means.gather(-2, gather).squeeze(-2), self.scales.gather(-2, gather).squeeze(-2)
+
+    def sample(self, temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+        """``z [..., d]``: a component from the mixture, then ``mu_k + T * sigma_k * eps``."""
+        mean, scale = self.select(self.sample_component(generator))
+        return mean + temperature * scale * _randn_like(mean, generator)
+
+
+class GMMHead(nn.Module):
+    """``Linear(width -> K + 2*K*d)`` read as a diagonal Gaussian mixture over ``d`` dims.
+
+    The reference zero-initialises this layer, which leaves all ``K`` components identical
+    (and so identically updated) for ever. Here the kernel is zero and the bias is the
+    reference's (zero logits, zero scale pre-activations: ``sigma = squareplus(0) = 1``)
+    except the mean biases, drawn from ``N(0, mean_init_std^2)`` (default 0.5): every
+    component starts as a unit Gaussian at a different place, so the symmetry is broken.
+    """
+
+    def __init__(
+        self,
+        width: int,
+        num_mixtures: int,
+        dim: int,
+        *,
+        scale_floor: float = SCALE_FLOOR,
+        mean_init_std: float = 0.5,
+    ) -> None:
+        super().__init__()
+        self.width, self.num_mixtures, self.dim = width, num_mixtures, dim
+        self.scale_floor = scale_floor
+        self.proj = nn.Linear(width, num_mixtures + 2 * num_mixtures * dim)
+        nn.init.zeros_(self.proj.weight)
+        with torch.no_grad():
+            self.proj.bias.zero_()
+            _, loc_scale = self.proj.bias.split([num_mixtures, 2 * num_mixtures * dim])
+            loc_scale.view(num_mixtures, 2, dim)[:, 0].normal_(0.0, mean_init_std)
+
+    def forward(self, h: Tensor) -> GaussianMixture:
+        """The mixture at every position of ``h [..., width]``, computed in float32."""
+        if h.shape[-1] != self.width:
+            raise ValueError(f"GMMHead expects h [..., {self.width}], got {list(h.shape)}")
+        with torch.autocast(h.device.type, enabled=False):
+            out = F.linear(h.float(), self.proj.weight.float(), self.proj.bias.float())
+        logits, loc_scale = out.split([self.num_mixtures, 2 * self.num_mixtures * self.dim], dim=-1)
+        loc_scale = loc_scale.unflatten(-1, (self.num_mixtures, 2, self.dim))
+        scales = squareplus(loc_scale[..., 1, :]).clamp_min(self.scale_floor)
+        return GaussianMixture(logits, loc_scale[..., 0, :], scales)
+
+    def log_prob(self, h: Tensor, tokens: Tensor) -> Tensor:
+        """``log p(tokens | h)`` ``[...]`` in nats (float32) for ``tokens [..., d]``."""
+        if tokens.shape[-1] != self.dim or tokens.shape[:-1] != h.shape[:-1]:
+            raise ValueError(
+                f"tokens must be [..., {self.dim}] matching h {list(h.shape)}, "
+                f"got {list(tokens.shape)}"
+            )
+        return self(h).log_prob(tokens.float())
+
+    def nll(self, h: Tensor, tokens: Tensor) -> Tensor:
+        """``-log p(tokens | h)``, ``[...]``."""
+        return -self.log_prob(h, tokens)
+
+    def sample(
+        self, h: Tensor, temperature: float = 1.0, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """One token ``[..., d]`` per position of ``h``; ``temperature`` multiplies sigma."""
+        return self(h).sample(temperature, generator)
+
+    def sample_guided(
+        self,
+        h_cond: Tensor,
+        h_uncond: Tensor,
+        weight: float,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Classifier-free guided tokens from conditional and unconditional hidden states."""
+        return sample_guided(self(h_cond), self(h_uncond), weight, temperature, generator)
+
+
+def guided_gaussian(
+    mu_c: Tensor, sigma_c: Tensor, mu_u: Tensor, sigma_u: Tensor, weight: float
+) -> tuple[Tensor, Tensor]:
+    """Mean and sigma of ``N(mu_c, sigma_c)^(1+w) / N(mu_u, sigma_u)^w``, normalised.
+
+    ``precision = (1+w)/sigma_c^2 - w/sigma_u^2``;
+    ``mean = ((1+w) mu_c / sigma_c^2 - w mu_u / sigma_u^2) / precision``. Where the precision
+    is not positive the product is not normalisable and ``(mu_c, sigma_c)`` is returned.
+    """
+    prec_c, prec_u = sigma_c.square().reciprocal(), sigma_u.square().reciprocal()
+    precision = (1 + weight) * prec_c - weight * prec_u
+    ok = precision > 0
+    safe = torch.where(ok, precision, torch.ones_like(precision))
+    mean = ((1 + weight) * mu_c * prec_c - weight * mu_u * prec_u) / safe
+    return torch.where(ok, mean, mu_c), torch.where(ok, safe.rsqrt(), sigma_c)
+
+
+def sample_guided(
+    cond: GaussianMixture,
+    uncond: GaussianMixture,
+    weight: float,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """CFG sampling: one component from ``cond``, then the per-dim guided Gaussian of it.
+
+    The unconditional mixture contributes the same component ``k``. ``temperature``
+    multiplies both sigmas before guidance (so it multiplies the guided sigma too).
+    """
+    if cond.means.shape != uncond.means.shape:
+        raise ValueError(
+            f"conditional and unconditional mixtures differ in shape: "
+            f"{list(cond.means.shape)} vs {list(uncond.means.shape)}"
+        )
+    index = cond.sample_component(generator)
+    mu_c, sigma_c = cond.select(index)
+    mu_u, sigma_u = uncond.select(index)
+    mean, sigma = guided_gaussian(mu_c, temperature * sigma_c, mu_u, temperature * sigma_u, weight)
+    return mean + sigma * _randn_like(mean, generator)
+
+
+def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """``N(0, 1)`` like ``x``, drawn on the generator's device (so a CPU generator works)."""
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+
+__all__ = ["GMMHead", "GaussianMixture", "guided_gaussian", "sample_guided", "squareplus"]

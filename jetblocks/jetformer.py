@@ -1,0 +1,106 @@
+"""JetFormer's image likelihood pieces: the joint image NLL and the noise curriculum.
+
+JetFormer (arXiv 2411.19722) trains Jet and an autoregressive model jointly. With
+``z, logdet = jet(x + u)`` and ``kept, factored = split_tokens(z, keep)``, the AR model scores
+``kept`` (a GMM NLL per token, :class:`jetblocks.heads.GMMHead`) and the ``factored`` dims get
+a standard-normal prior. In bits per pixel-dim (``D_px = H*W*C``):
+
+    nll_image = [sum_i gmm_nll_i + sum -log N(factored; 0, 1)] / (D_px ln 2)
+                - (logdet / D_px - ln 127.5) / ln 2
+
+which is :func:`jetblocks.likelihood.bits_per_dim` with the kept dims' prior replaced by
+the AR model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from jetblocks.likelihood import standard_normal_log_prob
+
+_LN2 = math.log(2.0)
+
+
+def image_bits_per_dim(gmm_nll: Tensor, factored: Tensor, logdet: Tensor, num_dims: int) -> Tensor:
+    """JetFormer's image NLL ``[B]`` in bits per pixel-dim (see the module docstring).
+
+    ``gmm_nll``: the AR model's ``-log p`` (nats) of the kept dims, per token ``[B, N]`` or
+    summed ``[B]``; ``factored``: the factored-out dims ``[B, N, D - keep]`` (may be empty);
+    ``logdet``: Jet's log-det ``[B]``; ``num_dims``: ``D_px = H*W*C``.
+    """
+    ar = gmm_nll.flatten(1).sum(1) if gmm_nll.dim() > 1 else gmm_nll
+    prior = -standard_normal_log_prob(factored) if factored.numel() else torch.zeros_like(ar)
+    tokens_bits = (ar.to(prior.dtype) + prior) / (num_dims * _LN2)
+    logdet_bits = (logdet / num_dims - math.log(127.5)) / _LN2
+    return tokens_bits - logdet_bits
+
+
+def normal_from_uniform(uniform: Tensor) -> Tensor:
+    """``N(0, 1)`` draws from ``U[0, 1)`` ones by the inverse normal CDF (``ndtri``).
+
+    Lets a caller that only has a uniform noise source (such as
+    :class:`jetblocks.train.Trainer`'s, which is resumable and rank-aware) draw Gaussians.
+    """
+    tiny = torch.finfo(torch.float32).tiny
+    return torch.special.ndtri(uniform.double().clamp(tiny, 1.0 - 2**-53)).float()
+
+
+class NoiseCurriculum:
+    """Rounded RGB noise with a cosine-decaying scale, applied to training images.
+
+    ``sigma(t) = sigma_end + (sigma_start - sigma_end) * (1 + cos(pi * t / T)) / 2`` and, in
+    0..255 units, ``x255 = round(round((x + 1) * 127.5) + sigma(t) * n)``, ``n ~ N(0, 1)``,
+    not clipped; the result is returned as ``x255 / 127.5 - 1`` (the left edge of the uint8
+    bin, ready for uniform dequantization). The reference uses ``sigma_start = 64`` and
+    ``sigma_end = 0`` (class-conditional) or ``3`` (text-to-image). Evaluation uses none.
+    """
+
+    def __init__(
+        self, sigma_start: float = 64.0, sigma_end: float = 0.0, total_steps: int = 1
+    ) -> None:
+        if total_steps < 1 or sigma_start < 0 or sigma_end < 0:
+            raise ValueError(
+                f"NoiseCurriculum needs total_steps >= 1 and sigmas >= 0, got "
+                f"{total_steps}, {sigma_start}, {sigma_end}"
+            )
+        self.sigma_start, self.sigma_end, self.total_steps = sigma_start, sigma_end, total_steps
+
+    def sigma(self, step: int) -> float:
+        """The noise std at ``step`` in 0..255 pixel units (``sigma_end`` from ``T`` on)."""
+        progress = min(max(step / self.total_steps, 0.0), 1.0)
+        cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.sigma_end + (self.sigma_start - self.sigma_end) * cosine
+
+    def __call__(
+        self,
+        images: Tensor,
+        step: int,
+        *,
+        normal: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Noisy float32 images in ``[-1, 1]`` units from uint8 pixels or floats in ``[-1, 1]``.
+
+        The standard-normal draws come from ``normal`` (same shape) if given, else from
+        ``generator``.
+        """
+        if images.dtype == torch.uint8:
+            pixels = images.float()
+        else:
+            pixels = torch.round((images.float() + 1.0) * 127.5)
+        if normal is None:
+            device = generator.device if generator is not None else pixels.device
+            normal = torch.randn(pixels.shape, generator=generator, device=device)
+        if normal.shape != pixels.shape:
+            raise ValueError(
+                f"normal noise of shape {list(normal.shape)} does not match the images' "
+                f"{list(pixels.shape)}"
+            )
+        noisy = torch.round(pixels + self.sigma(step) * normal.to(pixels.device, pixels.dtype))
+        return noisy / 127.5 - 1.0
+
+
+__all__ = ["NoiseCurriculum", "image_bits_per_dim", "normal_from_uniform"]

@@ -1,0 +1,250 @@
+"""The JetFormer example (examples/jetformer) and the Jet-as-tokenizer example."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from jetblocks import JetConfig
+from jetblocks.integrations.sentencepiece import EOS_ID, PAD_ID, SentencePieceTokenizer
+from jetblocks.train import parameter_groups
+
+ROOT = Path(__file__).parents[1]
+sys.path.insert(0, str(ROOT))
+
+from examples.jetformer import run as run_module  # noqa: E402
+from examples.jetformer.__main__ import main  # noqa: E402
+from examples.jetformer.data import (  # noqa: E402
+    describe,
+    parse_caption,
+    scene_agreement,
+    shapes_dataset,
+)
+from examples.jetformer.model import JetFormer, JetFormerConfig, meta_parameter_counts  # noqa: E402
+from examples.jetformer.presets import PRESETS  # noqa: E402
+from examples.jetformer.sampling import sample_image_tokens  # noqa: E402
+
+SMALL = JetFormerConfig(
+    jet=JetConfig(
+        image_size=(8, 8), channels=1, patch_size=2, depth=2, emb_dim=8, num_heads=2,
+        kinds=("channels",),
+    ).to_dict(),
+    keep=2, width=32, depth=2, mlp_dim=64, num_heads=4, head_dim=8, num_mixtures=3,
+    vocab_size=10, text_len=1, num_vocab_repeats=4,
+)  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small models run faster on one thread, and much faster on a loaded 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small_model(config=SMALL, seed=0):
+    torch.manual_seed(seed)
+    model = JetFormer(config).eval()
+    with torch.no_grad():  # leave the zero/identity initialisation so everything matters
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("guidance", [0.0, 2.0])
+def test_kv_cache_sampling_gives_the_tokens_of_full_recomputation(guidance):
+    model = small_model()
+    text = torch.tensor([[3], [7], [0]])
+    tokens = [
+        sample_image_tokens(
+            model,
+            text,
+            guidance=guidance,
+            temperature=0.9,
+            generator=torch.Generator().manual_seed(0),
+            use_cache=use_cache,
+        )
+        for use_cache in (True, False)
+    ]
+    assert tokens[0].shape == (3, 16, 2)
+    torch.testing.assert_close(tokens[0], tokens[1], atol=1e-5, rtol=1e-5)
+
+
+def test_kv_cache_sampling_under_bf16_autocast():
+    model = small_model()
+    with torch.autocast("cpu", torch.bfloat16):
+        tokens = sample_image_tokens(
+            model, torch.tensor([[1], [2]]), guidance=1.0, generator=torch.Generator()
+        )
+    assert tokens.shape == (2, 16, 2) and torch.isfinite(tokens).all()
+
+
+def batch_losses(model, text_first, drop=None):
+    images = torch.rand(4, 1, 8, 8) * 2 - 1
+    text = torch.tensor([[1], [2], [3], [4]])
+    mask = torch.ones(4, 1, dtype=torch.bool)
+    return model(images, text, mask, text_first, drop)
+
+
+def test_image_first_examples_do_not_train_jet():
+    model = small_model()
+    out = batch_losses(model, torch.zeros(4, dtype=torch.bool))
+    out["text_nll"].mean().backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.jet.parameters())
+    assert model.decoder.blocks[0].attn.query.weight.grad.abs().sum() > 0
+    model.zero_grad()
+    out = batch_losses(model, torch.ones(4, dtype=torch.bool))
+    out["image_bits"].mean().backward()
+    assert all(p.grad.abs().sum() > 0 for p in model.jet.parameters())
+
+
+def test_dropped_prefixes_are_nolabel_runs_with_repeated_embeddings():
+    model = small_model()
+    text = torch.tensor([[1], [2]])
+    embedded = model.embed_text(text, drop=torch.tensor([False, True]))
+    assert embedded.shape == (2, 4, 32)  # one label, 4 distinct rows
+    rows = torch.arange(4) * SMALL.total_vocab
+    torch.testing.assert_close(embedded[0], model.text_embed.weight[1 + rows])
+    torch.testing.assert_close(embedded[1], model.text_embed.weight[SMALL.nolabel_id + rows])
+    # a dropped prefix changes the image loss; the losses stay finite
+    with torch.no_grad():
+        ones = torch.ones(4, dtype=torch.bool)
+        torch.manual_seed(0)
+        kept = batch_losses(model, ones)["image_bits"]
+        torch.manual_seed(0)
+        dropped = batch_losses(model, ones, drop=ones)["image_bits"]
+    assert torch.isfinite(dropped).all() and not torch.allclose(kept, dropped)
+
+
+def test_weight_decay_goes_to_kernels_only():
+    model = small_model()
+    decayed, rest = parameter_groups(model, kernels_only=True)
+    kernels = {id(p) for p in decayed["params"]}
+    assert id(model.decoder.blocks[0].mlp.gate.weight) in kernels
+    assert id(model.head.proj.weight) in kernels and id(model.image_embed.weight) in kernels
+    for p in (model.text_embed.weight, model.head.proj.bias, model.decoder.final_norm.scale):
+        assert id(p) not in kernels
+    assert rest["weight_decay"] == 0.0
+    assert len(kernels) + len(rest["params"]) == len(list(model.parameters()))
+
+
+def test_preset_parameter_counts_match_the_spec():
+    def counts(name):
+        model = dict(PRESETS[name]["model"], vocab_size=PRESETS[name]["model"]["vocab_size"] or 64)
+        return meta_parameter_counts(JetFormerConfig(**model))
+
+    assert counts("cifar10-42m")["total"] == pytest.approx(42e6, rel=0.02)
+    small = counts("imagenet256-350m")
+    assert small["decoder"] == pytest.approx(350e6, rel=0.02)
+    assert small["jet"] == pytest.approx(0.43e9, rel=0.02)
+    assert counts("imagenet256-1.3b")["jet"] == pytest.approx(0.63e9, rel=0.02)
+
+
+def test_sentencepiece_tokenizer_round_trip(tmp_path):
+    _, _, captions = shapes_dataset(300, seed=0)
+    tokenizer = SentencePieceTokenizer.train(captions, 64, model_type="word")
+    path = tokenizer.save(tmp_path / "tokenizer.model")
+    loaded = SentencePieceTokenizer.load(path)
+    assert loaded.vocab_size == tokenizer.vocab_size < 64
+    ids, mask = loaded.encode_batch(captions[:5], 16)
+    assert ids.shape == mask.shape == (5, 16)
+    for row, caption in enumerate(captions[:5]):
+        length = int(mask[row].sum())
+        assert ids[row, length - 1] == EOS_ID and (ids[row, length:] == PAD_ID).all()
+        assert loaded.decode(ids[row].tolist()) == caption
+
+
+def test_shapes_scenes_are_read_back_from_pixels_and_captions():
+    images, scenes, captions = shapes_dataset(400, seed=3)
+    assert images.shape == (400, 3, 16, 16) and images.dtype == torch.uint8
+    assert all(scene_agreement(im, s) == 1 for im, s in zip(images, scenes, strict=True))
+    assert all(parse_caption(c) == s for c, s in zip(captions, scenes, strict=True))
+    assert len(set(captions)) > 300  # caption variety
+    assert parse_caption(describe(scenes[0])) == scenes[0]
+    assert scene_agreement(torch.zeros(3, 16, 16, dtype=torch.uint8), scenes[0]) == 0
+
+
+def test_text_preset_trains_samples_captions_and_measures(tmp_path, capsys, monkeypatch):
+    """A smoke run of every command on the text preset, with less data and fewer samples."""
+    monkeypatch.setattr(run_module, "SHAPES_TRAIN", 256)
+    monkeypatch.setattr(run_module, "SHAPES_TEST", 40)
+    small_grid = dict(sample_temperatures=(1.0,), samples_per_temperature=2)
+    monkeypatch.setitem(PRESETS["cpu-tiny-text"], "train", {**PRESETS["cpu-tiny-text"]["train"],
+                                                            **small_grid})  # fmt: skip
+    run = tmp_path / "text"
+    assert main(["train", "--preset", "cpu-tiny-text", "--steps", "2", "--out", str(run),
+                 "--no-progress", "--eval-batch-size", "40"]) == 0  # fmt: skip
+    summary = json.loads(capsys.readouterr().out.splitlines()[-2])
+    assert summary["step"] == 2 and summary["eval_bits_per_dim"] < 10
+    assert {p.name for p in run.iterdir()} >= {"run.json", "tokenizer.model", "checkpoints"}
+    assert (run / "samples" / "step_00000002.png").is_file()
+    assert (
+        main(
+            [
+                "sample",
+                "--run",
+                str(run),
+                "--per-prompt",
+                "2",
+                "--out",
+                str(tmp_path / "grid.png"),
+                "--prompt",
+                "a red square above a blue circle",
+            ]
+        )
+        == 0
+    )
+    assert main(["caption", "--run", str(run), "--n", "2"]) == 0
+    assert main(["measure", "--run", str(run), "--scenes", "4", "--speed-batch", "2"]) == 0
+    measured = json.loads((run / "measure.json").read_text())
+    assert 0 <= measured["caption_consistency_w0"] <= 1
+    assert measured["sampling_images_per_s_with_kv_cache"] > 0
+    # resuming a finished run continues from its checkpoint
+    assert main(["train", "--preset", "cpu-tiny-text", "--out", str(run), "--resume",
+                 "--no-progress"]) == 0  # fmt: skip
+
+
+def test_jet_as_tokenizer_example_runs(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "jet_as_tokenizer.py"), "--steps", "3",
+         "--batch-size", "8", "--held-out", "32", "--samples", "2", "--out", str(tmp_path)],
+        capture_output=True, text=True, check=True, timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    found = re.search(r"after 3 steps: ([\d.]+) \(before: ([\d.]+)\)", result.stdout)
+    assert found and float(found[1]) < float(found[2])
+    assert (tmp_path / "samples.png").is_file()
+
+
+@pytest.mark.parametrize("conditioning", ["class", "text"])
+def test_digits_preset_trains_and_measures_class_consistency(tmp_path, conditioning, monkeypatch):
+    small_grid = dict(sample_temperatures=(1.0,), samples_per_temperature=2)
+    train = {**PRESETS["cpu-tiny-digits"]["train"], **small_grid}
+    monkeypatch.setitem(PRESETS["cpu-tiny-digits"], "train", train)
+    run = tmp_path / conditioning
+    args = ["--preset", "cpu-tiny-digits", "--steps", "2", "--conditioning", conditioning]
+    assert main(["train", *args, "--out", str(run), "--no-progress"]) == 0
+    run_spec = json.loads((run / "run.json").read_text())["spec"]
+    assert run_spec["conditioning"] == conditioning
+    assert (run / "tokenizer.model").is_file() == (conditioning == "text")
+    assert main(["measure", "--run", str(run), "--per-prompt", "1", "--speed-batch", "2",
+                 "--scenes", "4"]) == 0  # fmt: skip
+    measured = json.loads((run / "measure.json").read_text())
+    assert measured["classifier_test_accuracy"] > 0.8
+    assert 0 <= measured["class_consistency_w0"] <= 1
+    assert ("captioning_accuracy" in measured) == (conditioning == "text")
+
+
+def test_synthetic_data_for_throughput_runs(tmp_path):
+    spec = dict(PRESETS["cifar10-42m"], data="synthetic")
+    data = run_module.RunData(spec, tmp_path, create_tokenizer=False)
+    batch = data.train.batch([0, 1, 2])
+    assert batch["image"].shape == (3, 3, 32, 32) and batch["image"].dtype == torch.uint8
+    assert len(data.train) == 4096 and len(data.test) == 512
+    assert data.model_config().jet_config.image_size == (32, 32)
