@@ -14,6 +14,7 @@ checkpoint directory, or a ``Jet.save_pretrained`` directory. Under ``torchrun``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from jetblocks.checkpoint import CheckpointError, read_tensors
+from jetblocks.flow import BACKPROP_MODES
 from jetblocks.jet import PRESETS, Jet, JetConfig
 from jetblocks.likelihood import to_uint8
 from jetblocks.train import TrainConfig, checkpoints_in
@@ -77,6 +79,8 @@ def cmd_train(args) -> None:
         jet_config = JetConfig.from_json(Path(args.config).read_text())
     else:
         jet_config = JetConfig.preset(args.preset)
+    if args.backprop is not None:
+        jet_config = dataclasses.replace(jet_config, backprop=args.backprop)
     train_config = TrainConfig(
         steps=args.steps,
         batch_size=args.batch_size,
@@ -238,9 +242,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--bf16", action="store_true", help="bfloat16 autocast (float32 islands)")
     train.add_argument("--compile", action="store_true", help="torch.compile the model")
     train.add_argument(
+        "--backprop",
+        choices=BACKPROP_MODES,
+        default=None,
+        help="how gradients pass the couplings (default: the config's): store activations, "
+        "checkpoint each coupling, or rebuild inputs from outputs (memory-saving)",
+    )
+    train.add_argument(
         "--activation-checkpointing",
         action="store_true",
-        help="recompute each coupling in backward instead of storing activations",
+        help="recompute each coupling in backward (for a Jet: --backprop checkpoint)",
     )
     train.add_argument(
         "--distributed",

@@ -82,7 +82,7 @@ class JetConfig:
     scale_factor: float = 2.0
     seed: int = 0
     context_dim: int | None = None
-    attention_backend: str = "sdpa"  # see jetblocks.vit: sdpa, math, xformers, auto
+    attention_backend: str = "auto"  # see jetblocks.vit: auto (fastest), sdpa, math, xformers
     backprop: str = "standard"  # see jetblocks.flow.FlowSequence: standard, checkpoint, invertible
 
     def __post_init__(self) -> None:

@@ -9,19 +9,20 @@ Xavier-uniform, MLP biases ``N(0, 1e-6)``, other biases zero, LayerNorm eps ``1e
 
 Attention runs on one of :data:`ATTENTION_BACKENDS` (the same function, up to rounding):
 
-- ``"sdpa"`` (default): ``torch.nn.functional.scaled_dot_product_attention``, which picks
-  PyTorch's fused flash / memory-efficient kernels where it can.
+- ``"sdpa"`` (the default of the modules here):
+  ``torch.nn.functional.scaled_dot_product_attention``, which picks PyTorch's fused flash /
+  memory-efficient kernels where it can.
 - ``"math"``: the plain ``softmax(q k^T / sqrt(d)) v`` in matmuls, softmax in float32.
 - ``"xformers"``: ``xformers.ops.memory_efficient_attention`` (``pip install jetblocks[gpu]``),
   CUDA tensors only. Asking for it where xformers is not installed raises ``ImportError``
   when the module is built; calling it on non-CUDA tensors raises ``RuntimeError``.
-- ``"auto"``: the fastest measured here, decided on every call (a model built on the CPU
-  and moved to a GPU picks the GPU's kernel): xformers for CUDA tensors (float16, bfloat16,
-  float32) when it is installed; ``"math"`` for bfloat16/float16 CPU tensors (bf16
-  autocast), where SDPA's CPU flash kernel is slow, above all backward (attention forward +
-  backward on one core, bf16: math 3.8x faster at 64 tokens of width 128, 1.1-1.8x at 64 to
-  256 tokens of width 128-512); ``"sdpa"`` otherwise (float32 and float64 on the CPU, where
-  it matched or beat math, and CUDA without xformers).
+- ``"auto"`` (``JetConfig``'s default): the fastest measured here, decided on every call
+  (a model built on the CPU and moved to a GPU picks the GPU's kernel): xformers for CUDA
+  tensors (float16, bfloat16, float32) when it is installed; ``"math"`` for bfloat16/float16
+  CPU tensors (bf16 autocast), where SDPA's CPU flash kernel is slow, above all backward
+  (attention forward + backward on one core, bf16: math 3.8x faster at 64 tokens of width
+  128, 1.1-1.8x at 64 to 256 tokens of width 128-512); ``"sdpa"`` otherwise (float32 and
+  float64 on the CPU, where it matched or beat math, and CUDA without xformers).
 """
 
 from __future__ import annotations

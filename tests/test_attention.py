@@ -65,7 +65,7 @@ def test_jet_outputs_agree_across_backends():
 
 
 def test_config_validates_and_serialises_the_backend():
-    assert JetConfig().attention_backend == "sdpa"
+    assert JetConfig().attention_backend == "auto"
     config = JetConfig(attention_backend="math")
     assert JetConfig.from_json(config.to_json()) == config
     with pytest.raises(ValueError, match=r"attention_backend 'flash'; expected one of"):

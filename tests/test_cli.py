@@ -140,6 +140,19 @@ def _final_parameters(out_dir):
     return read_tensors(checkpoints_in(out_dir)[-1] / "model.safetensors")
 
 
+def test_backprop_flag_trains_to_the_same_parameters(tmp_path):
+    """``--backprop invertible`` is recorded in the run's config and changes no result."""
+    (tmp_path / "jet.json").write_text(CONFIG.to_json())
+    for backprop in ("standard", "invertible"):
+        args = ["train", "--config", str(tmp_path / "jet.json"), *TRAIN]
+        assert main([*args, "--backprop", backprop, "--out", str(tmp_path / backprop)]) == 0
+        saved = json.loads((checkpoints_in(tmp_path / backprop)[-1] / "config.json").read_text())
+        assert saved["backprop"] == backprop
+    standard, invertible = (_final_parameters(tmp_path / b) for b in ("standard", "invertible"))
+    for name in (n for n in standard if not n.endswith("key.bias")):  # zero-gradient biases
+        assert (standard[name] - invertible[name]).abs().max() < 1e-5, name
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_process_run_equals_one_process_over_the_same_global_batch(strategy, tmp_path):
     (tmp_path / "jet.json").write_text(CONFIG.to_json())
