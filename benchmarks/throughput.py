@@ -171,6 +171,7 @@ def workloads(
         tokens = jet(images)[0]
     forward, inverse = jet, jet.decode
     if compiled:
+        torch._dynamo.reset()  # dynamo's cache limit is per function, across models
         forward, inverse = torch.compile(jet), torch.compile(jet.decode)
     autocast = torch.autocast(torch.device(device).type, torch.bfloat16, enabled=bf16)
 
