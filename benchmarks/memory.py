@@ -40,13 +40,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from jetblocks import Jet
-from jetblocks.likelihood import bits_per_dim
-from jetblocks.testing import perturb_parameters_
-from jetblocks.train import TrainConfig, reference_optimizer
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import config_named, machine
+from throughput import config_named, machine, setup, training_step
 
 MODES = ("standard", "checkpoint", "invertible")
 MB = 2**20
@@ -66,19 +61,8 @@ def cpu_step_peak(step) -> int:
 
 
 def measure(config, batch: int, device: str, seconds: float) -> dict[str, float]:
-    torch.manual_seed(0)
-    jet = perturb_parameters_(Jet(config), scale=0.02).to(device)
-    optimizer = reference_optimizer(jet.parameters(), TrainConfig())
-    images = torch.rand(batch, config.channels, *config.image_size, device=device) * 2 - 1
-
-    def step():
-        loss = bits_per_dim(*jet(images)).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(jet.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        del loss
-
+    jet, optimizer, images = setup(config, batch, device)
+    step = training_step(jet, optimizer, images)
     step()  # creates the optimizer state
     tensors = [*jet.parameters(), *jet.buffers()]
     tensors += [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]

@@ -35,6 +35,7 @@ The first compiled run spends minutes compiling (Inductor caches the result on d
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -147,15 +148,10 @@ def model_flops(config: JetConfig, batch: int, device: str) -> dict[str, int]:
     return counts
 
 
-def workloads(
-    config: JetConfig,
-    batch: int,
-    bf16: bool,
-    compiled: bool,
-    device: str,
-    fused_optimizer: bool = False,
-) -> dict[str, Callable[[], object]]:
-    """The three timed callables on a perturbed Jet (weights do not change the work).
+def setup(
+    config: JetConfig, batch: int, device: str, fused_optimizer: bool = False
+) -> tuple[Jet, torch.optim.Optimizer, torch.Tensor]:
+    """A perturbed Jet (weights do not change the work), its reference optimizer and images.
 
     ``fused_optimizer`` runs the reference optimizer's update (same AdamW hyperparameters,
     same maths) with PyTorch's fused kernel instead of its default per-parameter loop.
@@ -167,6 +163,37 @@ def workloads(
         hyper = {k: optimizer.defaults[k] for k in ("lr", "betas", "eps", "weight_decay")}
         optimizer = torch.optim.AdamW(jet.parameters(), **hyper, fused=True)
     images = torch.rand(batch, config.channels, *config.image_size, device=device) * 2 - 1
+    return jet, optimizer, images
+
+
+def training_step(jet, optimizer, images, forward=None, autocast=None):
+    """One step as :class:`jetblocks.train.Trainer` takes it: bits/dim, backward, clipping at
+    1.0, the optimizer, ``zero_grad(set_to_none=True)``; ``forward`` defaults to ``jet``."""
+    forward = forward or jet
+    autocast = autocast or contextlib.nullcontext()
+
+    def train():
+        with autocast:
+            loss = bits_per_dim(*forward(images)).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(jet.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return train
+
+
+def workloads(
+    config: JetConfig,
+    batch: int,
+    bf16: bool,
+    compiled: bool,
+    device: str,
+    fused_optimizer: bool = False,
+) -> dict[str, Callable[[], object]]:
+    """The three timed callables (see :func:`setup`)."""
+    jet, optimizer, images = setup(config, batch, device, fused_optimizer)
     with torch.no_grad():
         tokens = jet(images)[0]
     forward, inverse = jet, jet.decode
@@ -183,15 +210,7 @@ def workloads(
         with torch.no_grad(), autocast:
             return inverse(tokens)
 
-    def train():
-        with autocast:
-            loss = bits_per_dim(*forward(images)).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(jet.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
-
+    train = training_step(jet, optimizer, images, forward, autocast)
     return {"encode": encode, "decode": decode, "train": train}
 
 

@@ -40,13 +40,7 @@ CONFIG = JetConfig(
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: one thread is as fast, and not slowed down by a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 GRID, DIM = (2, 4), 4  # tokens [B, 8, 4] for the stacks of single couplings

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from jetblocks.integrations.datasets import ArraySource
+
 COLOURS = {
     "red": (220, 40, 40),
     "green": (40, 200, 60),
@@ -198,26 +200,21 @@ def digit_captions(labels: Sequence[int], seed: int) -> list[str]:
     return [digit_caption(int(label), rng) for label in labels]
 
 
-class CaptionedSource:
-    """Images in memory with labels and tokenized captions; batches are dicts of tensors."""
+class CaptionedSource(ArraySource):
+    """An :class:`ArraySource` whose batches also carry tokenized captions and their mask."""
 
     def __init__(self, images: Tensor, labels: Tensor, text: Tensor, text_mask: Tensor):
-        if not len(images) == len(labels) == len(text) == len(text_mask):
-            raise ValueError("images, labels and captions must have the same length")
-        self.images, self.labels, self.text, self.text_mask = images, labels, text, text_mask
-        self.image_shape = tuple(images.shape[1:])
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        return self.images[index], int(self.labels[index])
+        super().__init__(images, labels, name="captioned images")
+        if not len(images) == len(text) == len(text_mask):
+            raise ValueError(
+                f"{len(images)} images but {len(text)} captions and {len(text_mask)} masks"
+            )
+        self.text, self.text_mask = text, text_mask
 
     def batch(self, indices: Sequence[int]) -> dict[str, Tensor]:
         chosen = torch.as_tensor(indices, dtype=torch.long)
         return {
-            "image": self.images[chosen],
-            "label": self.labels[chosen],
+            **super().batch(chosen),
             "text": self.text[chosen],
             "text_mask": self.text_mask[chosen],
         }

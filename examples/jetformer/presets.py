@@ -19,6 +19,15 @@ from jetblocks import JetConfig
 
 _ALL_SPATIAL = ("checkerboard", "checkerboard-inv", "vstripes", "vstripes-inv", "hstripes")
 _REFERENCE_RECIPE = dict(lr=1e-3, betas=(0.9, 0.95), weight_decay=1e-4, decay_kernels_only=True)
+# The CPU presets' decoder and, for the class-conditional ones, label prefix and recipe.
+_CPU_DECODER = dict(width=128, depth=3, mlp_dim=512, num_heads=4, head_dim=32, num_mixtures=16)
+_CLASS_PREFIX = dict(vocab_size=10, text_len=1, num_vocab_repeats=16)
+_CPU_CLASS_RECIPE = dict(
+    train=dict(_REFERENCE_RECIPE, steps=800, batch_size=32, log_every=50,
+               sample_temperatures=(0.8, 1.0), samples_per_temperature=10),
+    task=dict(sigma_start=64.0, sigma_end=0.0, drop_prob=0.1, guidance=2.0),
+    sample=dict(guidance=2.0, temperature=0.9),
+)  # fmt: skip
 
 
 def _imagenet(width, depth, head_dim, block_depth, guidance, temperature) -> dict[str, Any]:
@@ -54,20 +63,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         model=dict(
             jet=JetConfig.preset("mnist").to_dict(),  # 32 couplings: enough expansion
             keep=4,
-            width=128,
-            depth=3,
-            mlp_dim=512,
-            num_heads=4,
-            head_dim=32,
-            num_mixtures=16,
-            vocab_size=10,
-            text_len=1,
-            num_vocab_repeats=16,
+            **_CPU_DECODER,
+            **_CLASS_PREFIX,
         ),
-        train=dict(_REFERENCE_RECIPE, steps=800, batch_size=32, log_every=50,
-                   sample_temperatures=(0.8, 1.0), samples_per_temperature=10),
-        task=dict(sigma_start=64.0, sigma_end=0.0, drop_prob=0.1, guidance=2.0),
-        sample=dict(guidance=2.0, temperature=0.9),
+        **_CPU_CLASS_RECIPE,
     ),
     # Class-conditional (or, with --conditioning text, captioned) 8x8 scikit-learn digits.
     "cpu-tiny-digits": dict(
@@ -77,20 +76,10 @@ PRESETS: dict[str, dict[str, Any]] = {
             jet=JetConfig(image_size=(8, 8), channels=1, patch_size=2, depth=16, emb_dim=32,
                           kinds=("channels", "spatial")).to_dict(),
             keep=2,
-            width=128,
-            depth=3,
-            mlp_dim=512,
-            num_heads=4,
-            head_dim=32,
-            num_mixtures=16,
-            vocab_size=10,
-            text_len=1,
-            num_vocab_repeats=16,
+            **_CPU_DECODER,
+            **_CLASS_PREFIX,
         ),
-        train=dict(_REFERENCE_RECIPE, steps=800, batch_size=32, log_every=50,
-                   sample_temperatures=(0.8, 1.0), samples_per_temperature=10),
-        task=dict(sigma_start=64.0, sigma_end=0.0, drop_prob=0.1, guidance=2.0),
-        sample=dict(guidance=2.0, temperature=0.9),
+        **_CPU_CLASS_RECIPE,
     ),
     # Text-to-image (and captioning) on the example's 16x16 captioned shapes.
     "cpu-tiny-text": dict(
@@ -100,12 +89,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             jet=JetConfig(image_size=(16, 16), channels=3, patch_size=4, depth=8,
                           emb_dim=32, kinds=("channels", "channels", "spatial")).to_dict(),
             keep=8,
-            width=128,
-            depth=3,
-            mlp_dim=512,
-            num_heads=4,
-            head_dim=32,
-            num_mixtures=16,
+            **_CPU_DECODER,
             vocab_size=None,  # from the sentencepiece model trained on the captions
             text_len=16,
             num_vocab_repeats=1,
