@@ -19,9 +19,7 @@ import math
 import torch
 from torch import Tensor
 
-from jetblocks.likelihood import standard_normal_log_prob
-
-_LN2 = math.log(2.0)
+from jetblocks.likelihood import nats_to_bits_per_dim, pixels_to_unit, standard_normal_log_prob
 
 
 def image_bits_per_dim(gmm_nll: Tensor, factored: Tensor, logdet: Tensor, num_dims: int) -> Tensor:
@@ -33,9 +31,7 @@ def image_bits_per_dim(gmm_nll: Tensor, factored: Tensor, logdet: Tensor, num_di
     """
     ar = gmm_nll.flatten(1).sum(1) if gmm_nll.dim() > 1 else gmm_nll
     prior = -standard_normal_log_prob(factored) if factored.numel() else torch.zeros_like(ar)
-    tokens_bits = (ar.to(prior.dtype) + prior) / (num_dims * _LN2)
-    logdet_bits = (logdet / num_dims - math.log(127.5)) / _LN2
-    return tokens_bits - logdet_bits
+    return nats_to_bits_per_dim(ar.to(prior.dtype) + prior, logdet, num_dims)
 
 
 def normal_from_uniform(uniform: Tensor) -> Tensor:
@@ -100,7 +96,7 @@ class NoiseCurriculum:
                 f"{list(pixels.shape)}"
             )
         noisy = torch.round(pixels + self.sigma(step) * normal.to(pixels.device, pixels.dtype))
-        return noisy / 127.5 - 1.0
+        return pixels_to_unit(noisy)
 
 
 __all__ = ["NoiseCurriculum", "image_bits_per_dim", "normal_from_uniform"]

@@ -52,6 +52,11 @@ def standard_normal_log_prob(z: Tensor) -> Tensor:
 
 def bits_per_dim(z: Tensor, logdet: Tensor) -> Tensor:
     """Bits per dimension ``[B]`` of the dequantized input that ``z, logdet`` came from."""
-    num_dims = z[0].numel()
-    nll = -standard_normal_log_prob(z) + num_dims * math.log(127.5)
-    return (nll - logdet) / (num_dims * math.log(2))
+    return nats_to_bits_per_dim(-standard_normal_log_prob(z), logdet, z[0].numel())
+
+
+def nats_to_bits_per_dim(latent_nll: Tensor, logdet: Tensor, num_dims: int) -> Tensor:
+    """``(latent_nll - logdet + D ln 127.5) / (D ln 2)``: the pixels' bits per dimension
+    ``[B]`` from the latents' NLL in nats and the flow's log-det (``D = num_dims`` pixels,
+    each uint8 bin ``1/127.5`` wide in ``[-1, 1]`` units)."""
+    return (latent_nll + num_dims * math.log(127.5) - logdet) / (num_dims * math.log(2))

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from jetblocks.likelihood import pixels_to_unit
+
 
 class DigitClassifier(nn.Module):
     """Two 3x3 conv layers, pooled to 4x4, then a linear layer; any input size >= 8."""
@@ -26,10 +28,6 @@ class DigitClassifier(nn.Module):
         return self.out(self.features(images).flatten(1))
 
 
-def _unit(pixels: Tensor) -> Tensor:
-    return pixels.float() / 127.5 - 1.0
-
-
 def train_classifier(
     images: Tensor, labels: Tensor, epochs: int = 4, seed: int = 0
 ) -> DigitClassifier:
@@ -40,7 +38,7 @@ def train_classifier(
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     for _ in range(epochs):
         for index in torch.randperm(len(images), generator=generator).split(64):
-            loss = F.cross_entropy(model(_unit(images[index])), labels[index])
+            loss = F.cross_entropy(model(pixels_to_unit(images[index])), labels[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -50,7 +48,7 @@ def train_classifier(
 @torch.no_grad()
 def predict(model: DigitClassifier, images: Tensor) -> Tensor:
     """Predicted classes of uint8 images."""
-    return torch.cat([model(_unit(chunk)).argmax(-1) for chunk in images.split(500)])
+    return torch.cat([model(pixels_to_unit(chunk)).argmax(-1) for chunk in images.split(500)])
 
 
 __all__ = ["DigitClassifier", "predict", "train_classifier"]
