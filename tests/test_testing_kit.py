@@ -25,6 +25,7 @@ from jetblocks.testing import (
     parametrize_flows,
     strategies,
 )
+from jetblocks.testing.properties import _slope_mismatch
 
 # -- flows used below ---------------------------------------------------------------------
 
@@ -116,6 +117,81 @@ class FailsOnCall(Scale):
         if self.calls == self.fail_on:
             raise RuntimeError("transient failure")
         return super().forward(x, context)
+
+
+class Identity(nn.Module):
+    """``y = x``, returning its input tensor itself (no copy) in both directions."""
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return x, x.new_zeros(x.shape[0])
+
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return y, y.new_zeros(y.shape[0])
+
+
+class LeakyBackwardReLU(torch.autograd.Function):
+    """ReLU whose backward is wrong: it lets 10% of the gradient through where ``x < 0``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return x.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return grad * torch.where(x > 0, 1.0, 0.1).to(grad.dtype)
+
+
+class GlowBlock(nn.Module):
+    """A Glow step on ``[B, C, H, W]``, like normflows' ``GlowBlock(C, hidden)``: actnorm,
+    an invertible 1x1 conv, then an affine coupling ``y2 = (x2 + t) * sigmoid(r + 2)`` with
+    ``(t, r)`` from a conv net with ReLUs (3x3, 1x1, 3x3; zero-initialised output layer).
+
+    ``bug``: ``"detached_logdet"`` detaches the coupling's log-det from the conditioner,
+    ``"wrong_backward"`` uses a ReLU whose backward is wrong. Neither changes any value
+    (round trips, log-dets and their Jacobians are right); only gradients are wrong.
+    """
+
+    def __init__(self, channels: int = 4, hidden: int = 16, bug: str | None = None) -> None:
+        super().__init__()
+        self.bug = bug
+        self.log_scale = nn.Parameter(torch.zeros(channels, 1, 1))
+        self.bias = nn.Parameter(torch.zeros(channels, 1, 1))
+        weight = torch.randn(channels, channels, generator=torch.Generator().manual_seed(0))
+        self.weight = nn.Parameter(torch.linalg.qr(weight)[0])
+        self.conv1 = nn.Conv2d(channels // 2, hidden, 3, padding=1)
+        self.conv2 = nn.Conv2d(hidden, hidden, 1)
+        self.conv3 = nn.Conv2d(hidden, channels, 3, padding=1)
+        nn.init.zeros_(self.conv3.weight)
+        nn.init.zeros_(self.conv3.bias)
+
+    def _coupling(self, half: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        relu = LeakyBackwardReLU.apply if self.bug == "wrong_backward" else torch.relu
+        h = self.conv3(relu(self.conv2(relu(self.conv1(half)))))
+        shift, raw = h[:, 0::2], h[:, 1::2] + 2.0
+        logdet = torch.nn.functional.logsigmoid(
+            raw.detach() if self.bug == "detached_logdet" else raw
+        )
+        return shift, torch.sigmoid(raw), logdet.flatten(1).sum(-1)
+
+    def _logdet(self, pixels: int) -> Tensor:
+        return pixels * (self.log_scale.sum() + torch.linalg.slogdet(self.weight).logabsdet)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        x = torch.einsum("ij,bjhw->bihw", self.weight, (x + self.bias) * self.log_scale.exp())
+        x1, x2 = x.chunk(2, 1)
+        shift, scale, logdet = self._coupling(x1)
+        y = torch.cat([x1, (x2 + shift) * scale], 1)
+        return y, self._logdet(x.shape[-2] * x.shape[-1]) + logdet
+
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        y1, y2 = y.chunk(2, 1)
+        shift, scale, logdet = self._coupling(y1)
+        x = torch.cat([y1, y2 / scale - shift], 1)
+        x = torch.einsum("ij,bjhw->bihw", torch.linalg.inv(self.weight), x)
+        logdet = self._logdet(y.shape[-2] * y.shape[-1]) + logdet
+        return x * torch.exp(-self.log_scale) - self.bias, -logdet
 
 
 # -- strategies ----------------------------------------------------------------------------
@@ -259,7 +335,7 @@ def test_an_output_of_another_shape_is_supported():
 @pytest.mark.parametrize(
     ("mutate", "match"),
     [
-        (lambda x, y, ld: (y, ld[:, None]), r"log-det shape: expected \[3\]"),
+        (lambda x, y, ld: (y, ld[:, None]), r"log-det shape: expected \[B\]=\[3\]"),
         (lambda x, y, ld: (y, ld.float()), "log-det dtype: expected torch.float64"),
         (lambda x, y, ld: (y.float(), ld), "output dtype: expected torch.float64"),
         (lambda x, y, ld: (y[:, :2], ld), "keep the number of elements"),
@@ -430,3 +506,118 @@ def test_parametrized_cases(case):
 def test_parametrize_flows_refuses_duplicate_ids():
     with pytest.raises(ValueError, match="repeated"):
         parametrize_flows([CASES[0], CASES[0]])
+
+
+# -- gradients: aliasing, kinks, finite_differences ------------------------------------------
+
+
+def test_an_identity_returning_its_input_itself_passes():
+    """The output *is* the input: finite differences must not restore the moved input before
+    evaluating the objective (they used to, and the identity failed ``gradients``)."""
+    report = check_flow(Identity, event_shape=(4,))
+    assert "gradients" in report.properties
+
+
+@pytest.mark.parametrize(
+    ("event_shape", "seed", "max_examples"),
+    [((4, 3, 3), 14, 20), ((4, 8, 8), 15, 2)],
+    ids=["4x3x3", "4x8x8"],
+)
+def test_a_glow_block_with_relus_passes_where_a_step_crosses_a_kink(
+    event_shape, seed, max_examples
+):
+    """At these seeds a ReLU input crosses zero within the central difference's step (the
+    estimates at steps 1e-5 and 5e-6 disagree): autograd agrees with a one-sided difference."""
+    report = check_flow(GlowBlock, event_shape=event_shape, seed=seed, max_examples=max_examples)
+    assert "gradients" in report.properties
+
+
+@pytest.mark.parametrize("bug", ["detached_logdet", "wrong_backward"])
+@pytest.mark.parametrize("seed", [0, 14])
+def test_a_wrong_gradient_of_a_relu_flow_is_still_caught(bug, seed):
+    with pytest.raises(FlowCheckError, match="disagrees with finite differences") as caught:
+        check_flow(partial(GlowBlock, bug=bug), event_shape=(4, 3, 3), seed=seed)
+    assert caught.value.property == "gradients"
+    assert caught.value.error > caught.value.tolerance
+
+
+@pytest.mark.parametrize("kink_at", [0.0, 3e-6, -7e-6, 1.5e-5])
+def test_finite_differences_across_a_kink_accept_either_side_and_nothing_else(kink_at):
+    """``L(t) = 0.3 t + 2 relu(t - kink_at)``, a kink within ``2 eps`` of ``t = 0``: autograd's
+    slope of the piece ``t = 0`` is on passes (at the kink itself either piece's slope does),
+    any other slope fails and the failure reports the kink."""
+
+    def objective_at(t: float) -> float:
+        return 5.0 + 0.3 * t + 2.0 * max(t - kink_at, 0.0)
+
+    right_slopes = {0.0: (0.3, 2.3)}.get(kink_at, (0.3,) if kink_at > 0 else (2.3,))
+    for slope in right_slopes:
+        assert _slope_mismatch(objective_at, slope, 1e-5, 5.0) is None, slope
+    for wrong in (0.6, 0.31, 2.29):
+        error, tolerance, details = _slope_mismatch(objective_at, wrong, 1e-5, 5.0)
+        assert error > tolerance and "disagree with each other: a kink" in details, wrong
+
+
+def test_finite_differences_of_a_smooth_objective_accept_only_its_slope():
+    def objective_at(t: float) -> float:
+        return math.exp(1 + 2 * t)
+
+    assert _slope_mismatch(objective_at, 2 * math.e, 1e-5, math.e) is None
+    error, tolerance, details = _slope_mismatch(objective_at, 2.001 * math.e, 1e-5, math.e)
+    assert error > tolerance and "no kink here" in details
+
+
+def test_a_wrong_custom_backward_of_a_smooth_flow_is_caught_as_such():
+    class WrongBackwardExp(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, s: Tensor) -> Tensor:
+            ctx.save_for_backward(s)
+            return s.exp()
+
+        @staticmethod
+        def backward(ctx, grad: Tensor) -> Tensor:
+            (s,) = ctx.saved_tensors
+            return 1.1 * grad * s.exp()
+
+    class WrongScale(Scale):
+        def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+            logdet = self.log_scale.sum().expand(x.shape[0])
+            return x * WrongBackwardExp.apply(self.log_scale), logdet
+
+    with pytest.raises(FlowCheckError, match="agree with each other") as caught:
+        check_flow(WrongScale, event_shape=(4,))
+    assert caught.value.property == "gradients"
+    assert "no kink here" in str(caught.value) and "'log_scale'" in str(caught.value)
+
+
+def test_finite_differences_false_keeps_only_the_autograd_part_of_gradients():
+    wrong = partial(GlowBlock, bug="wrong_backward")
+    report = check_flow(wrong, event_shape=(4, 3, 3), finite_differences=False)
+    assert "gradients" in report.properties  # the wrong backward goes unseen
+
+    class UnusedParameter(Scale):
+        def __init__(self) -> None:
+            super().__init__()
+            self.unused = nn.Parameter(torch.zeros(()))
+
+    with pytest.raises(FlowCheckError, match="no gradient .* reaches 'unused'") as caught:
+        check_flow(UnusedParameter, event_shape=(4,), finite_differences=False)
+    assert caught.value.property == "gradients"
+    assert "finite_differences=False" in " ".join(check_flow.__doc__.split())
+    case = FlowCase("wrong", wrong, (4, 3, 3), options={"finite_differences": False})
+    assert case.check(max_examples=2).examples == 2
+
+
+# -- messages of the shapes property ---------------------------------------------------------
+
+
+def test_a_scalar_logdet_is_reported_with_the_expected_and_received_shapes():
+    with pytest.raises(FlowCheckError) as caught:
+        check_flow(partial(Scale, mutate=lambda x, y, ld: (y, ld.sum())), event_shape=(4,))
+    assert caught.value.property == "shapes"
+    message = str(caught.value)
+    assert "log-det shape: expected [B]=[3] (one value per example" in message
+    assert "received []" in message
+    assert "received from forward(): output [3, 4] (torch.float64), log-det [] " in message
+    assert "expected x [3, 4] -> y [3, 4], log-det [B]=[3], context None" in message
+    assert "log-det [3]" not in message  # what the flow returned was [], not [3]

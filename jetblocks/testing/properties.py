@@ -212,12 +212,15 @@ def check_shapes(
     event = subject.output_shape if direction == "forward" else subject.event_shape
     problems = []
     if tuple(out.shape) != (batch, *event):
-        problems.append(f"output shape: expected {[batch, *event]}, received {list(out.shape)}")
+        problems.append(
+            f"output shape: expected [B, *{'output' if direction == 'forward' else 'event'}"
+            f"_shape]={[batch, *event]}, received {list(out.shape)}"
+        )
     if out.dtype != inp.dtype:
         problems.append(f"output dtype: expected {inp.dtype} (the input's), received {out.dtype}")
     if tuple(logdet.shape) != (batch,):
         problems.append(
-            f"log-det shape: expected [{batch}] (one value per example, summed over every "
+            f"log-det shape: expected [B]=[{batch}] (one value per example, summed over every "
             f"non-batch element), received {list(logdet.shape)}"
         )
     want = expected_logdet_dtype(inp.dtype)
@@ -226,7 +229,12 @@ def check_shapes(
             f"log-det dtype: expected {want} for {inp.dtype} input, received {logdet.dtype}"
         )
     if problems:
-        raise _fail("shapes", f"{direction}(): " + "; ".join(problems))
+        raise _fail(
+            "shapes",
+            f"{direction}(): " + "; ".join(problems) + f"\n  received from {direction}(): "
+            f"output {list(out.shape)} ({out.dtype}), log-det {list(logdet.shape)} "
+            f"({logdet.dtype})",
+        )
 
 
 def check_finite(direction: str, out: Tensor, logdet: Tensor) -> None:
@@ -391,16 +399,104 @@ def _objective_along(
     step: float,
 ) -> float:
     """The objective with ``target`` (a parameter or the input) moved to ``target + step v``;
-    ``target`` is restored exactly afterwards."""
+    ``target`` is restored exactly afterwards.
+
+    The objective is evaluated *before* ``target`` is restored: the flow's output may share
+    memory with ``target`` (an identity returning its input as is, a view of a parameter),
+    and restoring first would silently move that output back too.
+    """
     saved = target.detach().clone()
     with torch.no_grad():
         target.copy_(saved + step * v)
     try:
         out, logdet = subject.call(direction, inp.detach(), context, protect=False)
+        return float(_objective(out.detach(), logdet.detach(), weights))
     finally:
         with torch.no_grad():
             target.copy_(saved)
-    return float(_objective(out.detach(), logdet.detach(), weights))
+
+
+def _close(estimate: float, reference: float, rtol: float = 1e-5) -> bool:
+    """``|estimate - reference| <= rtol * (1 + |estimate|)``, the finite-difference test."""
+    return abs(estimate - reference) <= rtol * (1 + abs(estimate))
+
+
+def _slope_mismatch(
+    objective_at: Callable[[float], float], slope: float, eps: float, scale: float
+) -> tuple[float, float, str] | None:
+    """``None`` if the autograd directional derivative ``slope`` of ``t -> objective_at(t)``
+    at ``t = 0`` agrees with finite differences; else ``(error, tolerance, details)``.
+
+    The central difference at ``eps`` decides almost always (it is exact for float64
+    maths). If it disagrees, second-order one-sided differences on each side and central
+    ones are taken at steps ``eps``, ``eps / 2`` and, smaller, ``eps / 64``, ``eps / 128``;
+    ``slope`` passes if it agrees with one of them that agrees with the same kind at the
+    other step of its pair. On a smooth objective every one of them is the true slope, so a
+    wrong gradient (a detached term, a wrong backward) agrees with none, and the estimates
+    at ``eps`` and ``eps / 2`` agree with each other. Where they do not (nor the left with
+    the right one), the objective has a kink within ``2 eps`` (a ReLU whose input crosses
+    zero: it is only piecewise smooth) or is noisy (float32 parts): autograd gives the slope
+    of the piece the point is on, which a one-sided or smaller-step difference measures;
+    for the noise, the fourth-order difference at step ``1000 eps`` is also accepted to
+    ``1e-3`` relative plus ``1e-5 (1 + scale)``.
+    """
+    values: dict[float, float] = {}
+
+    def at(t: float) -> float:
+        if t not in values:
+            values[t] = objective_at(t)
+        return values[t]
+
+    def central(h: float) -> float:
+        return (at(h) - at(-h)) / (2 * h)
+
+    def left(h: float) -> float:
+        return (3 * at(0.0) - 4 * at(-h) + at(-2 * h)) / (2 * h)
+
+    def right(h: float) -> float:
+        return (-3 * at(0.0) + 4 * at(h) - at(2 * h)) / (2 * h)
+
+    fine = central(eps)
+    error, tolerance = abs(fine - slope), 1e-5 * (1 + abs(fine))
+    if error <= tolerance:
+        return None
+    steps = (eps, eps / 2, eps / 64, eps / 128)
+    kinds = {"central": central, "left": left, "right": right}
+    estimates = {kind: [fn(h) for h in steps] for kind, fn in kinds.items()}
+    # An estimate counts where it agrees with the same kind's at half the step: a one-sided
+    # difference whose stencil crosses the kink agrees with nothing, not even by chance.
+    pairs = [(found[i], found[i + 1]) for found in estimates.values() for i in (0, 2)]
+    if any(_close(a, b) and _close(b, slope) for a, b in pairs):
+        return None
+    smooth = all(_close(found[0], found[1]) for found in estimates.values()) and _close(
+        estimates["left"][1], estimates["right"][1]
+    )
+    big = 1e3 * eps
+    details = f"  finite differences: {fine:.10g} (central, step {eps:g})"
+    if not smooth:
+        coarse = (8 * (at(big) - at(-big)) - (at(2 * big) - at(-2 * big))) / (12 * big)
+        coarse_tolerance = 1e-3 * (abs(coarse) + abs(slope)) + 1e-5 * (1 + scale)
+        if abs(coarse - slope) <= coarse_tolerance:
+            return None
+        details += f", {coarse:.10g} (fourth-order, step {big:g})"
+    listed = "\n".join(
+        f"    {kind:>7}: " + ", ".join(f"{e:.10g}" for e in found)
+        for kind, found in estimates.items()
+    )
+    if smooth:
+        details += (
+            f"\n  the finite-difference estimates agree with each other at steps {steps[0]:g} "
+            f"and {steps[1]:g} (central, left and right: no kink here), not with autograd"
+        )
+    else:
+        details += (
+            f"\n  the finite-difference estimates at steps {steps[0]:g} and {steps[1]:g} (or "
+            "left and right) disagree with each other: a kink (ReLU, abs, max?) within "
+            f"{2 * eps:g} of this point, or float32 rounding; autograd agrees with none of the "
+            "one-sided or smaller-step estimates"
+        )
+    details += f" (steps {', '.join(f'{h:g}' for h in steps)}):\n{listed}\n"
+    return error, tolerance, details
 
 
 def check_gradients(
@@ -416,10 +512,14 @@ def check_gradients(
     """Gradients of ``sum(w * output) + sum(logdet)`` reach the input and every trainable
     parameter, in both directions, and are finite. With ``finite_differences`` (float64
     only), each one's directional derivative along a random unit direction ``v`` agrees with
-    ``(L(p + eps v) - L(p - eps v)) / (2 eps)`` to ``1e-5`` relative, or with the fourth-order
-    difference at step ``1000 eps`` to ``1e-3`` relative plus ``1e-5 (1 + |L|)`` (for flows
-    with float32 parts): this catches a part of the graph (such as the log-det) computed
-    from a detached parameter.
+    ``(L(p + eps v) - L(p - eps v)) / (2 eps)`` to ``1e-5`` relative: this catches a part of
+    the graph (such as the log-det) computed from a detached parameter, or a wrong custom
+    backward. Near a kink (a ReLU whose input crosses zero within the step) the estimates at
+    two step sizes disagree with each other; there autograd may agree instead with a
+    one-sided difference (of either side) or a central one at a smaller step, and a failure
+    says that a kink was found. For flows with float32 parts (noisy estimates) the
+    fourth-order difference at step ``1000 eps`` is accepted to ``1e-3`` relative plus
+    ``1e-5 (1 + |L|)``. See ``_slope_mismatch``.
     """
     generator = torch.Generator().manual_seed(seed)
     named = [(n, p) for n, p in subject.module.named_parameters() if p.requires_grad]
@@ -453,33 +553,21 @@ def check_gradients(
             v = torch.randn(target.shape, generator=generator, dtype=torch.float64)
             v = (v / v.norm().clamp_min(1e-12)).to(target.device, target.dtype)
             autograd_slope = float((grad.double() * v.double()).sum())
-
             objective_at = partial(
                 _objective_along, subject, direction, inp, context, weights, target, v
             )
-
-            # A small step is exact for float64 maths (and rarely crosses a kink such as
-            # ReLU's); a large fourth-order step tolerates parts computed in float32.
-            fine = (objective_at(eps) - objective_at(-eps)) / (2 * eps)
-            error = abs(fine - autograd_slope)
-            tolerance = 1e-5 * (1 + abs(fine))
-            if error <= tolerance:
+            mismatch = _slope_mismatch(objective_at, autograd_slope, eps, scale)
+            if mismatch is None:
                 continue
-            big = 1e3 * eps
-            coarse = (
-                8 * (objective_at(big) - objective_at(-big))
-                - (objective_at(2 * big) - objective_at(-2 * big))
-            ) / (12 * big)
-            coarse_tolerance = 1e-3 * (abs(coarse) + abs(autograd_slope)) + 1e-5 * (1 + scale)
-            if abs(coarse - autograd_slope) <= coarse_tolerance:
-                continue
+            error, tolerance, details = mismatch
             raise _fail(
                 "gradients",
                 f"the autograd gradient of {direction}()'s sum(w * output) + sum(logdet) with "
                 f"respect to {name!r} disagrees with finite differences along a random "
-                f"direction (a detached term?)\n  largest error {error:.3g}, tolerance "
-                f"{tolerance:.3g}\n  finite differences: {fine:.10g} (step {eps:g}), "
-                f"{coarse:.10g} (step {big:g})\n  autograd: {autograd_slope:.10g}",
+                f"direction (a detached term? a wrong custom backward?)\n  largest error "
+                f"{error:.3g}, tolerance {tolerance:.3g}\n{details}"
+                f"  autograd: {autograd_slope:.10g}\n  (check_flow(..., "
+                "finite_differences=False) keeps only the autograd part of this property)",
                 error,
                 tolerance,
             )
