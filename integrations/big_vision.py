@@ -44,7 +44,9 @@ LayerNorm ``scale`` is its ``weight``. The frozen masks are 0/1 matrices with
 ``W[perm[j], j] = 1`` (channel layers) and ``W[order[j], j] = 1`` (spatial layers, ``order``
 the conditioning tokens then the transformed ones); a layer of the other kind holds an
 all-zero placeholder. Masks that are not permutation matrices are refused, and so are
-missing or unexpected names and wrong shapes.
+missing or unexpected names and wrong shapes. Every other leaf must be a floating-point
+array of finite values. A file that is not a readable ``.npz``, or a parameter that is not
+finite floats, raises :class:`~jetblocks.checkpoint.CheckpointError` (a ``ValueError``).
 
 **Configs.** The file holds no config, but almost all of it follows from the arrays: depth,
 ViT depth, width, heads, context width, the token count ``N`` (a square grid, as the
@@ -63,6 +65,8 @@ from __future__ import annotations
 import math
 import os
 import re
+import zipfile
+import zlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -70,6 +74,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from jetblocks.checkpoint import CheckpointError
 from jetblocks.couplings import SPATIAL_PATTERNS, ChannelSplit, spatial_halves
 from jetblocks.jet import Jet, JetConfig
 
@@ -204,17 +209,27 @@ def save_jet(jet: Jet, path: PathLike) -> None:
 
 # -- big_vision -> jetblocks -------------------------------------------------------------------
 def read_arrays(path: PathLike) -> dict[str, np.ndarray]:
-    """Every array of a big_vision ``.npz`` by its ``"/"``-joined name (nothing is unpickled)."""
+    """Every array of a big_vision ``.npz`` by its ``"/"``-joined name (nothing is unpickled).
+
+    A file that is not a zip of ``.npy`` arrays (truncated, corrupt, pickled objects) raises
+    :class:`~jetblocks.checkpoint.CheckpointError` naming it.
+    """
     if os.path.isdir(path):
         raise ValueError(
             f"{path} is a folder (a tensorstore checkpoint?); only .npz files are read: export "
             "the params with big_vision's tree_flatten_with_names and np.savez"
         )
-    loaded = np.load(path, allow_pickle=False)
-    if not isinstance(loaded, np.lib.npyio.NpzFile):
-        raise ValueError(f"{path} holds a single array, not a big_vision checkpoint")
-    with loaded:
-        return {name: loaded[name] for name in loaded.files}
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:
+                return {name: loaded[name] for name in loaded.files}
+    except (ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+        raise CheckpointError(
+            f"{path} is not a readable .npz of plain arrays (the zip of .npy files that "
+            f"np.savez writes): {error}"
+        ) from error
+    raise ValueError(f"{path} holds a single array, not a big_vision checkpoint")
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -257,14 +272,31 @@ def _find_jet(arrays: Mapping[str, Any], key: str | None) -> dict[str, Any]:
     return {name[len(prefix) :]: value for name, value in arrays.items() if name.startswith(prefix)}
 
 
-def _tensor(array: Any) -> Tensor:
-    """An array as a tensor; numpy's 2-byte ``void`` is big_vision's saved bfloat16."""
+def _tensor(array: Any, name: str) -> Tensor:
+    """Leaf ``name`` as a tensor; numpy's 2-byte ``void`` is big_vision's saved bfloat16."""
     array = np.asarray(array)
     if array.dtype.kind == "V" and array.dtype.itemsize == 2:
         return torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16)
     if array.dtype.kind not in "fiub":
-        raise ValueError(f"expected a numeric array, got dtype {array.dtype}")
+        raise CheckpointError(f"'{name}' must be a numeric array, got dtype {array.dtype}")
     return torch.from_numpy(np.array(array))
+
+
+def _parameter(array: Any, name: str) -> Tensor:
+    """Leaf ``name`` as a tensor, refused unless it holds finite floating-point values."""
+    tensor = _tensor(array, name)
+    if not tensor.is_floating_point():
+        raise CheckpointError(
+            f"'{name}' must hold floating-point parameters, got dtype {np.asarray(array).dtype}"
+        )
+    finite = torch.isfinite(tensor)
+    if not finite.all():
+        layers = (~finite).flatten(1).any(1).nonzero().flatten().tolist()
+        raise CheckpointError(
+            f"'{name}' holds {int((~finite).sum())} non-finite values (NaN or inf), in "
+            f"coupling layers {layers}"
+        )
+    return tensor
 
 
 def _permutation(matrix: Tensor, what: str) -> Tensor:
@@ -281,7 +313,8 @@ def _layer_splits(arrays: Mapping[str, Any]) -> list[tuple[str, Tensor]]:
     for name in (CHANNEL_MASKS, SPATIAL_MASKS):
         if name not in arrays:
             raise ValueError(f"the checkpoint lacks '{name}'")
-    channel, spatial = _tensor(arrays[CHANNEL_MASKS]), _tensor(arrays[SPATIAL_MASKS])
+    channel = _tensor(arrays[CHANNEL_MASKS], CHANNEL_MASKS)
+    spatial = _tensor(arrays[SPATIAL_MASKS], SPATIAL_MASKS)
     for name, mask in ((CHANNEL_MASKS, channel), (SPATIAL_MASKS, spatial)):
         if mask.dim() != 3 or mask.shape[1] != mask.shape[2]:
             raise ValueError(f"'{name}' must have shape [depth, n, n], got {list(mask.shape)}")
@@ -421,7 +454,7 @@ def jet_from_arrays(
             )
         state[f"couplings.flows.{i}.split.{'perm' if kind == 'channels' else 'order'}"] = index
     for bv, pt, kind in name_mapping(config):
-        for i, leaf in enumerate(_tensor(arrays[bv])):
+        for i, leaf in enumerate(_parameter(arrays[bv], bv)):
             state[f"couplings.flows.{i}.conditioner.{pt}"] = _CONVERSIONS[kind][1](leaf)
     jet.load_state_dict(state, strict=True)
     return jet

@@ -8,10 +8,11 @@ naming the file or folder at fault.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import ClassVar, Protocol
 
@@ -22,6 +23,7 @@ from torch import Tensor
 from jetblocks.integrations import builtin
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 HOLDOUT_FRACTION = 0.1
 HOLDOUT_SEED = 0
 BUILTINS = {
@@ -80,11 +82,15 @@ class ArraySource:
 
 
 class Subset:
-    """The items ``indices`` of another source, in that order."""
+    """The items ``indices`` of another source, in that order.
+
+    ``skipped`` is the source's list of skipped files (see :class:`ImageFolder`), or empty.
+    """
 
     def __init__(self, source: ImageSource, indices: Sequence[int]):
         self.source, self.indices = source, [int(i) for i in indices]
         self.image_shape = source.image_shape
+        self.skipped = list(getattr(source, "skipped", []))
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -112,17 +118,82 @@ def load_batch(source: ImageSource, indices: Sequence[int]) -> dict[str, Tensor]
     }
 
 
+@contextlib.contextmanager
+def _open_image(path: Path) -> Iterator:
+    """Pillow's image of ``path``; failing to read or decode it (also within the ``with``
+    block) raises :class:`DataError` naming the file."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            yield image
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise DataError(f"cannot read image {path}: {error}") from error
+
+
+def _check_decodes(path: Path) -> None:
+    """Raise :class:`DataError` unless ``path`` is a whole, decodable image.
+
+    A PNG is checked with Pillow's ``verify()`` (every chunk read and its CRC checked, no
+    decompression); other formats are decoded with ``load()``, because their ``verify()``
+    does not notice a truncated file.
+    """
+    with _open_image(path) as image:
+        if image.format == "PNG":
+            image.verify()
+        else:
+            image.load()
+
+
+def _unreadable(root: Path, files: Sequence[Path]) -> dict[Path, str]:
+    """``{file: why}`` for each of ``files`` (relative to ``root``) that does not decode."""
+    problems = {}
+    for file in files:
+        try:
+            _check_decodes(root / file)
+        except DataError as error:
+            problems[file] = str(error)
+    return problems
+
+
+def _to_8bit(image):
+    """``image`` with 16-bit grayscale (Pillow modes ``I;16*`` and ``I``, values 0..65535)
+    scaled to 8-bit ``"L"`` as ``round(value * 255 / 65535)``; any other image unchanged.
+
+    Pillow itself reads 16-bit RGB, RGBA and gray+alpha PNGs as 8 bits per channel.
+    """
+    if image.mode not in SIXTEEN_BIT_MODES:
+        return image
+    from PIL import Image
+
+    values = np.asarray(image).astype(np.int64).clip(0, 65535)
+    return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8))
+
+
 class ImageFolder:
     """PNG/JPEG files found recursively under ``root``, decoded lazily with Pillow.
 
-    Each image is converted to ``channels`` (1: Pillow ``"L"``, 3: ``"RGB"``, alpha dropped),
-    center-cropped to a square of its shorter side, then resized to ``image_size`` with
-    Pillow's antialiased BICUBIC filter. Labels index the sorted names of the first-level
-    subfolders (``classes``); images lying directly in ``root`` get -1. Files and folders
-    whose names start with ``.`` are skipped.
+    Each image is converted to ``channels`` (1: Pillow ``"L"``, 3: ``"RGB"``, alpha dropped;
+    16-bit grayscale is first scaled to 8 bits), center-cropped to a square of its shorter
+    side, then resized to ``image_size`` with Pillow's antialiased BICUBIC filter. Labels
+    index the sorted names of the first-level subfolders (``classes``); images lying
+    directly in ``root`` get -1. Files and folders whose names start with ``.`` are skipped.
+
+    Every file is checked when the folder is built (a PNG's chunks and checksums are read,
+    other images are decoded), so a corrupt or truncated image is found before training
+    rather than when the loader reaches it. By default they raise :class:`DataError` naming
+    them; with ``skip_corrupt=True`` they are left out and listed (relative to ``root``) in
+    ``skipped``, which is otherwise empty.
     """
 
-    def __init__(self, root: str | os.PathLike, image_size: int, channels: int = 3):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        image_size: int,
+        channels: int = 3,
+        *,
+        skip_corrupt: bool = False,
+    ):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"image folder {self.root} does not exist")
@@ -130,20 +201,39 @@ class ImageFolder:
             raise ValueError(
                 f"need channels 1 or 3 and image_size >= 1, got {channels}, {image_size}"
             )
-        self.files = sorted(
+        files = sorted(
             path.relative_to(self.root)
             for path in self.root.rglob("*")
             if path.suffix.lower() in IMAGE_SUFFIXES
             and not any(part.startswith(".") for part in path.relative_to(self.root).parts)
             and path.is_file()
         )
-        if not self.files:
+        if not files:
             raise DataError(f"image folder {self.root} has no {'/'.join(IMAGE_SUFFIXES)} files")
+        self.files, self.skipped = self._readable(files, skip_corrupt)
         self.classes = sorted({file.parts[0] for file in self.files if len(file.parts) > 1})
         index = {name: i for i, name in enumerate(self.classes)}
         self.labels = [index[f.parts[0]] if len(f.parts) > 1 else -1 for f in self.files]
         self.image_size, self.channels = image_size, channels
         self.image_shape = (channels, image_size, image_size)
+
+    def _readable(self, files: list[Path], skip: bool) -> tuple[list[Path], list[Path]]:
+        """``(readable files, skipped files)``; unreadable ones raise unless ``skip``."""
+        problems = _unreadable(self.root, files)
+        if problems and not skip:
+            shown = "; ".join(list(problems.values())[:3])
+            more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+            raise DataError(
+                f"image folder {self.root}: {len(problems)} of {len(files)} images cannot be "
+                f"read ({shown}{more}); fix or delete them, or skip them with "
+                "skip_corrupt=True"
+            )
+        readable = [file for file in files if file not in problems]
+        if not readable:
+            raise DataError(
+                f"image folder {self.root}: none of its {len(files)} images can be read"
+            )
+        return readable, list(problems)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -151,14 +241,9 @@ class ImageFolder:
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         from PIL import Image, ImageOps
 
-        path = self.root / self.files[index]
-        try:
-            with Image.open(path) as opened:
-                image = ImageOps.exif_transpose(opened).convert(
-                    "L" if self.channels == 1 else "RGB"
-                )
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-            raise DataError(f"cannot read image {path}: {error}") from error
+        with _open_image(self.root / self.files[index]) as opened:
+            image = _to_8bit(ImageOps.exif_transpose(opened))
+            image = image.convert("L" if self.channels == 1 else "RGB")
         side = min(image.size)
         left, top = (image.width - side) // 2, (image.height - side) // 2
         image = image.crop((left, top, left + side, top + side))
@@ -326,7 +411,12 @@ def _check_shape(source: ArraySource, spec: str, image_size: int | None, channel
 
 
 def open_source(
-    spec: str, split: str, *, image_size: int | None = None, channels: int | None = None
+    spec: str,
+    split: str,
+    *,
+    image_size: int | None = None,
+    channels: int | None = None,
+    skip_corrupt: bool = False,
 ) -> ImageSource:
     """The ``split`` (``"train"``/``"test"``) of the data named by ``spec``.
 
@@ -336,6 +426,8 @@ def open_source(
     any other directory is an :class:`ImageFolder` (``image_size`` required, ``channels``
     default 3) and an ``.npz`` file is :func:`load_npz`, both split by :func:`holdout`.
     In-memory sets keep their own size: a different ``image_size``/``channels`` is an error.
+    ``skip_corrupt`` is passed to :class:`ImageFolder`: the returned source's ``skipped``
+    then lists the image files left out as unreadable.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -351,7 +443,8 @@ def open_source(
             raise ValueError(f"image folder {path} needs an image_size")
         if (path / split).is_dir():
             path, explicit = path / split, True
-        folder = ImageFolder(path, image_size, 3 if channels is None else channels)
+        channels = 3 if channels is None else channels
+        folder = ImageFolder(path, image_size, channels, skip_corrupt=skip_corrupt)
         return folder if explicit else holdout(folder, split)
     if path.suffix.lower() == ".npz" and path.is_file():
         arrays = _check_shape(load_npz(path, channels=channels), spec, image_size, channels)

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 
 import numpy as np
 import pytest
 import torch
 
 from jetblocks import Jet, JetConfig
+from jetblocks.checkpoint import CheckpointError
 from jetblocks.integrations import big_vision as bv
 
 CONFIG = JetConfig(
@@ -392,3 +394,53 @@ def test_bad_files_and_unportable_jets_are_refused(tmp_path, jet):
     np.savez(pickled, **{bv.CHANNEL_MASKS: np.array([object()], dtype=object)})
     with pytest.raises(ValueError, match="allow_pickle=False"):
         bv.load_jet(pickled)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [lambda whole: whole[: len(whole) // 2], lambda whole: b"", lambda whole: b"not a zip\n"],
+    ids=["truncated", "empty", "text"],
+)
+def test_unreadable_npz_files_are_named(tmp_path, arrays, content):
+    whole = save(tmp_path, arrays).read_bytes()
+    broken = tmp_path / "broken.npz"
+    broken.write_bytes(content(whole))
+    with pytest.raises(CheckpointError, match=re.escape(f"{broken} is not a readable .npz")):
+        bv.load_jet(broken)
+
+
+def test_a_corrupt_member_of_the_npz_is_named(tmp_path, arrays):
+    whole = bytearray(save(tmp_path, arrays).read_bytes())
+    whole[len(whole) // 2] ^= 0xFF  # zip's CRC check catches it while reading
+    (tmp_path / "flipped.npz").write_bytes(whole)
+    with pytest.raises(CheckpointError, match="flipped.npz is not a readable .npz.*CRC"):
+        bv.load_jet(tmp_path / "flipped.npz")
+
+
+LEAF = "couplings/dnn/vit/encoderblock_1/MlpBlock_0/Dense_0/kernel"
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_parameters_are_refused_by_name(arrays, tmp_path, bad):
+    leaf = arrays[LEAF].copy()
+    leaf[3, 0, 1] = bad
+    with pytest.raises(CheckpointError, match=f"'{LEAF}' holds 1 non-finite .* layers \\[3\\]"):
+        bv.jet_from_arrays(arrays | {LEAF: leaf})
+    with pytest.raises(CheckpointError, match=LEAF):
+        bv.load_jet(save(tmp_path, arrays | {LEAF: leaf}))
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.bool_])
+def test_integer_and_bool_parameters_are_refused_by_name(arrays, dtype):
+    leaf = arrays[LEAF].astype(dtype)
+    message = f"'{LEAF}' must hold floating-point parameters, got dtype {np.dtype(dtype)}"
+    with pytest.raises(CheckpointError, match=message):
+        bv.jet_from_arrays(arrays | {LEAF: leaf})
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float64, np.int8, np.bool_])
+def test_masks_of_any_0_1_dtype_and_parameters_of_any_float_dtype_load(jet, arrays, dtype):
+    masks = {name: arrays[name].astype(dtype) for name in (bv.CHANNEL_MASKS, bv.SPATIAL_MASKS)}
+    loaded = bv.jet_from_arrays(arrays | masks | {LEAF: arrays[LEAF].astype(np.float64)})
+    expected = jet.state_dict()
+    assert all(torch.equal(t, expected[n]) for n, t in loaded.state_dict().items())

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -131,15 +133,90 @@ def test_image_folder_errors_name_the_folder_or_file(tmp_path):
         ImageFolder(tmp_path, image_size=4)
     with pytest.raises(DataError, match="does not exist"):
         ImageFolder(tmp_path / "missing", image_size=4)
-    (tmp_path / "broken.png").write_bytes(b"\x89PNG definitely not a PNG")
+    write_image(tmp_path / "broken.png", (4, 4))
     write_image(tmp_path / "fine.png", (4, 4))
     folder = ImageFolder(tmp_path, image_size=4)
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG broken after the folder was checked")
     with pytest.raises(DataError, match="broken.png"):
         folder[0]
     for workers in (0, 2):
         loader = image_loader(folder, 2, seed=0, shuffle=False, num_workers=workers)
         with pytest.raises(DataError, match="broken.png"):
             next(iter(loader))
+
+
+def write_corrupt_images(folder) -> list[str]:
+    """Truncated PNG and JPEG files and a text file named .png; returns their names."""
+    for name in ("half.png", "half.jpg"):
+        write_image(folder / name, (16, 16))
+        whole = (folder / name).read_bytes()
+        (folder / name).write_bytes(whole[: len(whole) // 2])
+    (folder / "text.png").write_text("not an image\n")
+    return ["half.jpg", "half.png", "text.png"]
+
+
+def test_corrupt_images_are_refused_when_the_folder_is_built(tmp_path):
+    bad = write_corrupt_images(tmp_path / "c")
+    write_image(tmp_path / "c" / "fine.png", (4, 4))
+    write_image(tmp_path / "c" / "fine.jpg", (4, 4))
+    with pytest.raises(DataError, match="3 of 5 images cannot be read") as caught:
+        ImageFolder(tmp_path, image_size=4)
+    assert all(name in str(caught.value) for name in bad)
+    assert "skip_corrupt=True" in str(caught.value)
+    folder = ImageFolder(tmp_path, image_size=4, skip_corrupt=True)
+    assert [f.as_posix() for f in folder.files] == ["c/fine.jpg", "c/fine.png"]
+    assert [f.as_posix() for f in folder.skipped] == [f"c/{name}" for name in bad]
+    assert folder.labels == [0, 0] and folder[1][0].shape == (3, 4, 4)
+    assert ImageFolder(tmp_path / "c", image_size=4, skip_corrupt=True).skipped[0].name == bad[0]
+
+
+def test_open_source_skips_corrupt_images_on_request(tmp_path):
+    for i in range(4):
+        write_image(tmp_path / "flat" / f"{i}.png", (4, 4), seed=i)
+    write_corrupt_images(tmp_path / "flat")
+    with pytest.raises(DataError, match="3 of 7 images"):
+        open_source(str(tmp_path / "flat"), "train", image_size=4)
+    train = open_source(str(tmp_path / "flat"), "train", image_size=4, skip_corrupt=True)
+    assert len(train.source) == 4 and train.skipped == train.source.skipped
+    assert sorted(f.name for f in train.skipped) == ["half.jpg", "half.png", "text.png"]
+    write_corrupt_images(tmp_path / "split" / "test")
+    with pytest.raises(DataError, match="none of its 3 images can be read"):
+        open_source(str(tmp_path / "split"), "test", image_size=4, skip_corrupt=True)
+
+
+def write_png16(path, values: np.ndarray) -> None:
+    """A 16-bit grayscale ``[H, W]`` or RGB ``[H, W, 3]`` PNG (Pillow cannot write 48-bit RGB)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    height, width = values.shape[:2]
+    header = struct.pack(">IIBBBBB", width, height, 16, 0 if values.ndim == 2 else 2, 0, 0, 0)
+    rows = values.astype(">u2").reshape(height, -1)
+    pixels = zlib.compress(b"".join(b"\x00" + row.tobytes() for row in rows))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize("rgb", [False, True], ids=["gray16", "rgb48"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_16_bit_pngs_are_scaled_not_clipped(tmp_path, rgb, channels):
+    levels = np.arange(256).reshape(16, 16)  # the gradient 0, 257, ..., 65535 of 16-bit values
+    write_png16(
+        tmp_path / "gradient.png", np.stack([levels * 257] * 3, -1) if rgb else levels * 257
+    )
+    image, _ = ImageFolder(tmp_path, image_size=16, channels=channels)[0]
+    assert image.shape == (channels, 16, 16)
+    assert all(torch.equal(plane, torch.from_numpy(levels).to(torch.uint8)) for plane in image)
+
+
+def test_16_bit_gray_rounds_to_the_nearest_8_bit_level(tmp_path):
+    write_png16(tmp_path / "probes.png", np.array([[128, 129], [32767, 32768]]))
+    image, _ = ImageFolder(tmp_path, image_size=2, channels=1)[0]
+    assert image[0].tolist() == [[0, 1], [127, 128]]  # value * 255 / 65535, rounded
 
 
 def test_open_source_folders_use_split_subfolders_or_a_fixed_holdout(tmp_path):
