@@ -6,7 +6,13 @@ from jetblocks.heads import GaussianMixture, GMMHead, guided_gaussian, sample_gu
 from jetblocks.jet import PRESETS, Jet, JetConfig
 from jetblocks.jetformer import NoiseCurriculum, image_bits_per_dim
 from jetblocks.latents import merge_tokens, patchify, split_tokens, unpatchify
-from jetblocks.likelihood import bits_per_dim, dequantize, standard_normal_log_prob, to_uint8
+from jetblocks.likelihood import (
+    bin_centers,
+    bits_per_dim,
+    dequantize,
+    standard_normal_log_prob,
+    to_uint8,
+)
 from jetblocks.vit import ViTConditioner
 
 __version__ = "0.1.0"
@@ -25,6 +31,7 @@ __all__ = [
     "NoiseCurriculum",
     "SpatialSplit",
     "ViTConditioner",
+    "bin_centers",
     "bits_per_dim",
     "dequantize",
     "guided_gaussian",

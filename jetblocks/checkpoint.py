@@ -5,13 +5,21 @@ dicts, lists, tuples, strings, numbers, booleans, ``None`` and tensors. :func:`s
 stores its tensors in ``NAME.safetensors`` and the rest in ``NAME.json`` (tensors replaced
 by references); :func:`load_state` rebuilds it. Integer dict keys survive the round trip.
 
-A directory is written under a temporary name and renamed into place
-(:func:`atomic_directory`), so a crash mid-save leaves whatever was there before intact.
+Integrity: every ``.safetensors`` file written here carries a SHA-256 of its tensors in its
+header, checked on every read, so flipped or truncated bytes are refused instead of loaded.
+``model.safetensors`` also carries the model's configuration, so an edited ``config.json``
+(a changed ``num_heads`` that no tensor shape reveals) is refused too.
+
+Every file is written under a temporary name beside its target and renamed into place
+(:func:`atomic_file`), and a checkpoint directory is built under a temporary name
+(:func:`atomic_directory`): a crash or a full disk mid-save leaves what was there intact.
+Files and folders are created with the permissions the process's umask allows.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -24,12 +32,145 @@ import torch
 from torch import Tensor
 
 _TENSOR, _INT_KEYS, _TUPLE = "__tensor__", "__int_keys__", "__tuple__"
+FORMAT_KEY, DIGEST_KEY, CONFIG_KEY = "jetblocks", "sha256", "config"
+MODEL_FILES = ("config.json", "model.safetensors")
 
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, or made for another configuration."""
 
 
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint file is missing, truncated, damaged or inconsistent with its siblings."""
+
+
+# -- permissions and atomic writes -----------------------------------------------------------
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _allow_umask(path: Path, mode: int) -> None:
+    """Give ``path`` the permissions ``mode`` less the umask (mkstemp/mkdtemp use 0600/0700)."""
+    os.chmod(path, mode & ~_umask())
+
+
+@contextlib.contextmanager
+def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``target`` that is renamed onto it if the block succeeds."""
+    target = Path(target)
+    if target.is_dir():
+        raise IsADirectoryError(f"{target} is a directory; expected a file name")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(handle)
+    staging = Path(name)
+    try:
+        yield staging
+        _allow_umask(staging, 0o666)  # after the write: some writers recreate the file
+        os.replace(staging, target)
+    finally:
+        staging.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temporary directory that replaces ``target`` only if the block succeeds.
+
+    The temporary directory is ``.NAME.*.tmp`` beside ``target`` (see
+    :func:`remove_orphans`); an existing ``target`` is only removed once its replacement is
+    complete, so ``target`` is only ever a whole old or a whole new directory.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        _allow_umask(staging, 0o777)
+        yield staging
+        if target.exists():
+            retired = target.with_name(f".{target.name}.{os.getpid()}.old")
+            os.replace(target, retired)
+            os.replace(staging, target)
+            shutil.rmtree(retired)
+        else:
+            os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
+def remove_orphans(directory: str | os.PathLike, pattern: str) -> list[Path]:
+    """Delete what a killed :func:`atomic_directory`/:func:`atomic_file` left in
+    ``directory`` for targets matching ``pattern`` (``.PATTERN.*.tmp`` and ``.*.old``)."""
+    directory, removed = Path(directory), []
+    if not directory.is_dir():
+        return removed
+    for suffix in ("tmp", "old"):
+        for orphan in directory.glob(f".{pattern}.*.{suffix}"):
+            if orphan.is_dir():
+                shutil.rmtree(orphan)
+            else:
+                orphan.unlink()
+            removed.append(orphan)
+    return removed
+
+
+# -- tensors with a digest ---------------------------------------------------------------------
+def tensor_digest(tensors: dict[str, Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def write_tensors(
+    path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None
+) -> None:
+    """Atomically write ``tensors`` as safetensors, with their digest in the header."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    header = {**(metadata or {}), FORMAT_KEY: "1", DIGEST_KEY: tensor_digest(tensors)}
+    with atomic_file(path) as staging:
+        save_file(tensors, staging, metadata=header)
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The header metadata of a safetensors file (``{}`` when it has none)."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise CorruptCheckpointError(f"checkpoint file {path} is missing")
+    try:
+        with safe_open(path, framework="pt") as opened:
+            return opened.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CorruptCheckpointError(f"checkpoint file {path} is corrupt: {error}") from None
+
+
+def read_tensors(path: Path) -> dict[str, Tensor]:
+    """Every tensor of a safetensors file; a digest in its header must match."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    expected = read_metadata(path).get(DIGEST_KEY)
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CorruptCheckpointError(f"checkpoint file {path} is corrupt: {error}") from None
+    if expected is not None and tensor_digest(tensors) != expected:
+        raise CorruptCheckpointError(
+            f"checkpoint file {path} is corrupt: its tensors do not match the SHA-256 digest "
+            "stored when it was written (damaged or modified bytes)"
+        )
+    return tensors
+
+
+# -- nested states -------------------------------------------------------------------------------
 def _flatten(obj: Any, tensors: dict[str, Tensor], path: str) -> Any:
     if isinstance(obj, Tensor):
         tensors[path] = obj.detach().cpu().contiguous()
@@ -63,98 +204,91 @@ def _unflatten(obj: Any, tensors: dict[str, Tensor]) -> Any:
     return {k: _unflatten(v, tensors) for k, v in obj.items()}
 
 
+def write_json(path: str | os.PathLike, value: Any) -> None:
+    """Atomically write ``value`` as indented JSON."""
+    with atomic_file(path) as staging:
+        staging.write_text(json.dumps(value, indent=2))
+
+
 def save_state(directory: str | os.PathLike, name: str, state: Any) -> None:
     """Write ``state`` as ``NAME.json`` and ``NAME.safetensors`` into ``directory``."""
-    from safetensors.torch import save_file
-
     tensors: dict[str, Tensor] = {}
     skeleton = _flatten(state, tensors, name)
-    directory = Path(directory)
-    save_file(tensors, directory / f"{name}.safetensors")
-    (directory / f"{name}.json").write_text(json.dumps(skeleton))
+    write_tensors(Path(directory) / f"{name}.safetensors", tensors)
+    write_json(Path(directory) / f"{name}.json", skeleton)
 
 
 def load_state(directory: str | os.PathLike, name: str) -> Any:
     """Read a state written by :func:`save_state`; corrupt files raise :class:`CheckpointError`."""
     directory = Path(directory)
     skeleton = read_json(directory / f"{name}.json")
-    return _unflatten(skeleton, read_tensors(directory / f"{name}.safetensors"))
+    tensors = read_tensors(directory / f"{name}.safetensors")
+    try:
+        return _unflatten(skeleton, tensors)
+    except (KeyError, TypeError, AttributeError) as error:
+        raise CorruptCheckpointError(
+            f"checkpoint {directory}/{name}.json does not match {name}.safetensors: {error!r}"
+        ) from None
 
 
 def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint file {path} is missing") from None
+        raise CorruptCheckpointError(f"checkpoint file {path} is missing") from None
+    except IsADirectoryError:
+        raise CorruptCheckpointError(f"checkpoint file {path} is a directory") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"checkpoint file {path} is corrupt: {error}") from None
+        raise CorruptCheckpointError(f"checkpoint file {path} is corrupt: {error}") from None
 
 
-def read_tensors(path: Path) -> dict[str, Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file {path} is missing")
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError, ValueError) as error:
-        raise CheckpointError(f"checkpoint file {path} is corrupt: {error}") from None
-
-
-@contextlib.contextmanager
-def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``target`` that is renamed onto it if the block succeeds."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(handle)
-    staging = Path(name)
-    try:
-        yield staging
-        os.replace(staging, target)
-    finally:
-        staging.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temporary directory that replaces ``target`` only if the block succeeds."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        yield staging
-        if target.exists():
-            retired = target.with_name(f".{target.name}.{os.getpid()}.old")
-            os.replace(target, retired)
-            os.replace(staging, target)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+# -- models ---------------------------------------------------------------------------------------
+def _canonical(config: dict[str, Any]) -> str:
+    return json.dumps(config, sort_keys=True)
 
 
 def write_model_files(
     directory: Path, state_dict: dict[str, Tensor], config: dict[str, Any]
 ) -> None:
-    """Write ``config.json`` and ``model.safetensors`` into an existing ``directory``."""
-    from safetensors.torch import save_file
+    """Write ``model.safetensors`` (weights, their digest and ``config``) and then
+    ``config.json`` into ``directory``, each atomically."""
+    write_tensors(directory / "model.safetensors", state_dict, {CONFIG_KEY: _canonical(config)})
+    write_json(directory / "config.json", config)
 
-    (directory / "config.json").write_text(json.dumps(config, indent=2))
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    save_file(tensors, directory / "model.safetensors")
+
+def is_model_directory(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` holds a model saved by jetblocks (its ``model.safetensors``
+    header carries the jetblocks marker)."""
+    weights = Path(directory) / "model.safetensors"
+    if not weights.is_file():
+        return False
+    try:
+        return FORMAT_KEY in read_metadata(weights)
+    except CheckpointError:
+        return False
 
 
 def save_model(
     model: torch.nn.Module, config: dict[str, Any], directory: str | os.PathLike
 ) -> Path:
-    """Atomically write ``config.json`` and ``model.safetensors`` as ``directory``."""
-    with atomic_directory(directory) as staging:
-        write_model_files(staging, model.state_dict(), config)
-    return Path(directory)
+    """Write ``config.json`` and ``model.safetensors`` into ``directory``, each atomically.
+
+    Nothing else in ``directory`` is touched. A ``config.json`` or ``model.safetensors``
+    there that jetblocks did not write is never overwritten: the save is refused.
+    """
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"cannot save a model as {directory}: it is a file, not a folder")
+    ours = is_model_directory(directory)
+    for name in MODEL_FILES:
+        if (directory / name).exists() and not ours:
+            raise CheckpointError(
+                f"refusing to save into {directory}: its {name} was not written by jetblocks "
+                "and would be overwritten; choose another folder"
+            )
+    directory.mkdir(parents=True, exist_ok=True)
+    write_model_files(directory, model.state_dict(), config)
+    return directory
 
 
 # Settings that choose how, not what, a model computes: a checkpoint made with one value
@@ -181,9 +315,28 @@ def config_mismatch(expected: dict[str, Any], found: dict[str, Any], prefix: str
     return mismatches
 
 
+def read_model_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """``config.json`` of a model directory, checked against the configuration stored with
+    its weights (an edited ``config.json`` is refused, naming the fields that differ)."""
+    directory = Path(directory)
+    config = read_json(directory / "config.json")
+    if not isinstance(config, dict):
+        raise CorruptCheckpointError(f"{directory}/config.json must hold a JSON object")
+    stored = read_metadata(directory / "model.safetensors").get(CONFIG_KEY)
+    if stored is not None:
+        edited = config_mismatch(json.loads(stored), config)
+        if edited:
+            raise CorruptCheckpointError(
+                f"{directory}/config.json does not match the configuration its weights were "
+                "saved with (edited or from another model): "
+                + "; ".join(edited).replace("checkpoint has", "config.json has")
+            )
+    return config
+
+
 def check_config(expected: dict[str, Any], directory: str | os.PathLike) -> None:
-    """Refuse a checkpoint directory whose ``config.json`` differs from ``expected``."""
-    mismatch = config_mismatch(expected, read_json(Path(directory) / "config.json"))
+    """Refuse a checkpoint directory whose configuration differs from ``expected``."""
+    mismatch = config_mismatch(expected, read_model_config(directory))
     if mismatch:
         raise CheckpointError(
             f"checkpoint {directory} was made for another configuration: " + "; ".join(mismatch)
@@ -197,3 +350,27 @@ def load_model_weights(model: torch.nn.Module, directory: str | os.PathLike) -> 
         model.load_state_dict(read_tensors(path), strict=True)
     except RuntimeError as error:
         raise CheckpointError(f"{path} does not fit this model: {error}") from None
+
+
+# -- training runs ---------------------------------------------------------------------------------
+def checkpoints_in(out_dir: str | os.PathLike) -> list[Path]:
+    """Checkpoint directories ``checkpoints/step_*`` of a training run, oldest first."""
+    root = Path(out_dir) / "checkpoints"
+    return sorted(p for p in root.glob("step_*[0-9]") if p.is_dir()) if root.is_dir() else []
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """The model directory behind ``path``: a model directory itself, or a training run's
+    newest checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise CorruptCheckpointError(f"checkpoint {path} is missing")
+    if (path / "model.safetensors").is_file():
+        return path
+    found = checkpoints_in(path)
+    if not found:
+        raise CheckpointError(
+            f"no checkpoint in {path} (expected model.safetensors, or a training run's "
+            "checkpoints/step_* folders)"
+        )
+    return found[-1]

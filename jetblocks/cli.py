@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,32 +28,32 @@ from jetblocks.checkpoint import CheckpointError, read_tensors
 from jetblocks.flow import BACKPROP_MODES
 from jetblocks.jet import PRESETS, Jet, JetConfig
 from jetblocks.likelihood import to_uint8
-from jetblocks.train import TrainConfig, checkpoints_in
+from jetblocks.train import DivergenceError, TrainConfig
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """The model directory behind ``path`` (a run, a checkpoint or a pretrained directory)."""
-    path = Path(path)
-    if (path / "model.safetensors").is_file():
-        return path
-    found = checkpoints_in(path)
-    if not found:
-        raise CheckpointError(
-            f"no checkpoint in {path} (expected model.safetensors or checkpoints/)"
-        )
-    return found[-1]
+def load_jet(path: str | Path, device: torch.device) -> Jet:
+    return Jet.from_pretrained(path).to(device).eval()
 
 
-def load_jet(path: str | Path, device: str) -> Jet:
-    return Jet.from_pretrained(resolve_checkpoint(path)).to(device).eval()
-
-
-def _loader(args, jet_config: JetConfig, split: str, batch_size: int, env, shuffle: bool, epochs):
-    from jetblocks.integrations.torchdata import image_loader, open_source
+def _source(args, jet_config: JetConfig, split: str):
+    """The ``split`` of ``--data`` (unreadable images refused, or skipped and counted)."""
+    from jetblocks.integrations.torchdata import open_source
 
     source = open_source(
-        args.data, split, image_size=jet_config.image_size[0], channels=jet_config.channels
+        args.data,
+        split,
+        image_size=jet_config.image_size[0],
+        channels=jet_config.channels,
+        skip_corrupt=args.skip_corrupt,
     )
+    if skipped := getattr(source, "skipped", None):
+        print(f"jetblocks: skipped {len(skipped)} unreadable image(s) in {args.data}", flush=True)
+    return source
+
+
+def _loader(args, source, batch_size: int, env, shuffle: bool, epochs):
+    from jetblocks.integrations.torchdata import image_loader
+
     return image_loader(
         source,
         batch_size,
@@ -65,8 +66,35 @@ def _loader(args, jet_config: JetConfig, split: str, batch_size: int, env, shuff
     )
 
 
-def _device(args) -> str:
-    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+def _device(args) -> torch.device:
+    """``--device``, checked: a device torch knows and this machine has."""
+    if args.device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(
+            f"unknown --device {args.device!r}; expected cpu, cuda, cuda:N or mps"
+        ) from None
+    available = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available()
+        and (device.index or 0) < max(torch.cuda.device_count(), 1),
+        "mps": torch.backends.mps.is_available(),
+    }
+    if not available.get(device.type, False):
+        raise ValueError(f"--device {args.device} is not available on this machine")
+    return device
+
+
+def _output_file(path: str, suffixes: tuple[str, ...]) -> Path:
+    """``--out`` for a file: not a directory, with one of ``suffixes``."""
+    out = Path(path)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; expected a file name")
+    if out.suffix.lower() not in suffixes:
+        raise ValueError(f"--out {out} must end in {' or '.join(suffixes)}")
+    return out
 
 
 # -- commands ----------------------------------------------------------------------------------
@@ -74,7 +102,7 @@ def cmd_train(args) -> None:
     from jetblocks.integrations.distributed import init_distributed
     from jetblocks.train import JetTask, Trainer
 
-    env = init_distributed(args.device)
+    env = init_distributed(str(_device(args)))
     if args.config:
         jet_config = JetConfig.from_json(Path(args.config).read_text())
     else:
@@ -91,6 +119,8 @@ def cmd_train(args) -> None:
         grad_accum=args.grad_accum,
         activation_checkpointing=args.activation_checkpointing,
         distributed=args.distributed,
+        nonfinite=args.on_nonfinite,
+        max_nonfinite_steps=args.max_nonfinite_steps,
         eval_every=args.eval_every or args.steps,
         checkpoint_every=args.checkpoint_every or args.steps,
         log_every=args.log_every,
@@ -99,10 +129,14 @@ def cmd_train(args) -> None:
     )
     torch.manual_seed(args.seed)
     local = train_config.local_batch_size(env.world_size)
-    train_loader = _loader(args, jet_config, "train", local, env, shuffle=True, epochs=None)
+    train_source, eval_source = (
+        _source(args, jet_config, "train"),
+        _source(args, jet_config, "test"),
+    )
+    train_loader = _loader(args, train_source, local, env, shuffle=True, epochs=None)
 
     def eval_batches():
-        return _loader(args, jet_config, "test", args.eval_batch_size, env, False, epochs=1)
+        return _loader(args, eval_source, args.eval_batch_size, env, False, epochs=1)
 
     trainer = Trainer(
         Jet(jet_config),
@@ -117,11 +151,12 @@ def cmd_train(args) -> None:
     if env.is_main:
         params = sum(p.numel() for p in trainer.model.parameters())
         print(
-            f"training Jet ({params:,} parameters) on {args.data} for {args.steps} steps "
+            f"training Jet ({params:,} parameters) on {args.data} ({len(train_source):,} "
+            f"training and {len(eval_source):,} held-out images) for {args.steps} steps "
             f"on {env.world_size} x {env.device}"
         )
     before = trainer.evaluate() if args.eval_before else None
-    result = trainer.fit(resume=args.resume)
+    result = trainer.fit(resume=args.resume, overwrite=args.overwrite)
     if env.is_main:
         summary = {"step": trainer.step, **{f"eval_{k}": v for k, v in result.items()}}
         if before:
@@ -139,7 +174,8 @@ def cmd_eval(args) -> None:
     generator = torch.Generator(device).manual_seed(args.seed)
     total, count = 0.0, 0
     with torch.no_grad():
-        for batch in _loader(args, jet.config, args.split, args.batch_size, env, False, 1):
+        source = _source(args, jet.config, args.split)
+        for batch in _loader(args, source, args.batch_size, env, False, 1):
             pixels = batch["image"].to(device)
             total += jet.bits_per_dim(pixels, generator=generator).double().sum().item()
             count += len(pixels)
@@ -147,15 +183,16 @@ def cmd_eval(args) -> None:
 
 
 def cmd_sample(args) -> None:
-    from jetblocks.integrations.images import save_grid
+    from jetblocks.integrations.images import GRID_SUFFIXES, save_grid
 
+    out = _output_file(args.out, GRID_SUFFIXES)
     device = _device(args)
     jet = load_jet(args.checkpoint, device)
     generator = torch.Generator(device).manual_seed(args.seed)
     with torch.no_grad():
         images = jet.sample(args.n, args.temperature, generator=generator)
     ncols = args.ncols or math.ceil(math.sqrt(args.n))
-    print(save_grid(to_uint8(images), args.out, ncols=ncols))
+    print(save_grid(to_uint8(images), out, ncols=ncols))
 
 
 def cmd_encode(args) -> None:
@@ -164,27 +201,29 @@ def cmd_encode(args) -> None:
     from jetblocks.checkpoint import atomic_file
     from jetblocks.integrations.distributed import Distributed
 
+    out = _output_file(args.out, (".safetensors",))
     device = _device(args)
     jet = load_jet(args.checkpoint, device)
-    env = Distributed(device=torch.device(device))
-    generator = torch.Generator(device).manual_seed(args.seed)
+    env = Distributed(device=device)
     parts: dict[str, list[torch.Tensor]] = {"tokens": [], "logdet": [], "label": []}
     with torch.no_grad():
-        for batch in _loader(args, jet.config, args.split, args.batch_size, env, False, 1):
-            tokens, logdet = jet.encode(batch["image"].to(device), generator=generator)
+        source = _source(args, jet.config, args.split)
+        for batch in _loader(args, source, args.batch_size, env, False, 1):
+            tokens, logdet = jet.encode(batch["image"].to(device))
             for name, value in (("tokens", tokens), ("logdet", logdet), ("label", batch["label"])):
                 parts[name].append(value.cpu())
             if args.limit and sum(map(len, parts["tokens"])) >= args.limit:
                 break
     tensors = {name: torch.cat(values)[: args.limit or None] for name, values in parts.items()}
-    with atomic_file(args.out) as staging:
+    with atomic_file(out) as staging:
         save_file(tensors, staging, metadata={"config": jet.config.to_json()})
-    print(json.dumps({"out": str(args.out), "tokens": list(tensors["tokens"].shape)}))
+    print(json.dumps({"out": str(out), "tokens": list(tensors["tokens"].shape)}))
 
 
 def cmd_decode(args) -> None:
-    from jetblocks.integrations.images import save_grid
+    from jetblocks.integrations.images import GRID_SUFFIXES, save_grid
 
+    out = _output_file(args.out, GRID_SUFFIXES)
     device = _device(args)
     jet = load_jet(args.checkpoint, device)
     tokens = read_tensors(Path(args.tokens)).get("tokens")
@@ -198,7 +237,7 @@ def cmd_decode(args) -> None:
     with torch.no_grad():
         images = jet.decode(tokens.to(device, next(jet.parameters()).dtype))
     ncols = args.ncols or math.ceil(math.sqrt(len(images)))
-    print(save_grid(to_uint8(images), args.out, ncols=ncols))
+    print(save_grid(to_uint8(images), out, ncols=ncols))
 
 
 # -- argument parsing --------------------------------------------------------------------------
@@ -223,15 +262,15 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--config", help="a JetConfig JSON file instead of a preset")
     _data_arguments(train)
     _runtime_arguments(train)
-    train.add_argument("--steps", type=int, default=defaults.steps)
+    train.add_argument("--steps", type=positive_int, default=defaults.steps)
     train.add_argument(
         "--batch-size",
-        type=int,
+        type=positive_int,
         default=defaults.batch_size,
         help="global batch size (split over processes and accumulation steps)",
     )
-    train.add_argument("--lr", type=float, default=defaults.lr)
-    train.add_argument("--grad-accum", type=int, default=1)
+    train.add_argument("--lr", type=positive_float, default=defaults.lr)
+    train.add_argument("--grad-accum", type=positive_int, default=1)
     train.add_argument(
         "--ema",
         type=float,
@@ -259,15 +298,37 @@ def build_parser() -> argparse.ArgumentParser:
         default="ddp",
         help="data-parallel strategy under torchrun",
     )
-    train.add_argument("--eval-every", type=int, default=None, help="default: at the end")
-    train.add_argument("--checkpoint-every", type=int, default=None, help="default: at the end")
-    train.add_argument("--log-every", type=int, default=50)
-    train.add_argument("--eval-batch-size", type=int, default=250)
+    train.add_argument(
+        "--on-nonfinite",
+        choices=("stop", "skip"),
+        default=defaults.nonfinite,
+        help="a NaN/inf loss or gradient norm stops training (default) or skips the step",
+    )
+    train.add_argument(
+        "--max-nonfinite-steps",
+        type=positive_int,
+        default=defaults.max_nonfinite_steps,
+        help="with --on-nonfinite skip: stop after this many bad steps in a row",
+    )
+    train.add_argument("--eval-every", type=positive_int, default=None, help="default: the end")
+    train.add_argument(
+        "--checkpoint-every", type=positive_int, default=None, help="default: at the end"
+    )
+    train.add_argument("--log-every", type=positive_int, default=50)
+    train.add_argument("--eval-batch-size", type=positive_int, default=250)
     train.add_argument(
         "--eval-before", action="store_true", help="also evaluate before training and report it"
     )
     train.add_argument("--out", required=True, help="run directory")
-    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    existing = train.add_mutually_exclusive_group()
+    existing.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
+    )
+    existing.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run in --out (deletes its checkpoints, metrics.jsonl and samples)",
+    )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(run=cmd_train)
 
@@ -275,33 +336,56 @@ def build_parser() -> argparse.ArgumentParser:
     _checkpoint_arguments(evaluate)
     _data_arguments(evaluate)
     evaluate.add_argument("--split", default="test", choices=("train", "test"))
-    evaluate.add_argument("--batch-size", type=int, default=250)
+    evaluate.add_argument("--batch-size", type=positive_int, default=250)
     evaluate.set_defaults(run=cmd_eval)
 
     sample = commands.add_parser("sample", help="write a PNG grid of samples")
     _checkpoint_arguments(sample)
-    sample.add_argument("--n", type=int, default=64)
-    sample.add_argument("--temperature", type=float, default=1.0)
-    sample.add_argument("--ncols", type=int, default=None)
-    sample.add_argument("--out", required=True, help="PNG file")
+    sample.add_argument("--n", type=positive_int, default=64)
+    sample.add_argument("--temperature", type=non_negative_float, default=1.0)
+    sample.add_argument("--ncols", type=positive_int, default=None)
+    sample.add_argument("--out", required=True, help="image file (.png, or .jpg: lossy)")
     sample.set_defaults(run=cmd_sample)
 
     encode = commands.add_parser("encode", help="images -> tokens in a .safetensors file")
     _checkpoint_arguments(encode)
     _data_arguments(encode)
     encode.add_argument("--split", default="test", choices=("train", "test"))
-    encode.add_argument("--batch-size", type=int, default=250)
-    encode.add_argument("--limit", type=int, default=None, help="encode at most this many images")
+    encode.add_argument("--batch-size", type=positive_int, default=250)
+    encode.add_argument(
+        "--limit", type=positive_int, default=None, help="encode at most this many images"
+    )
     encode.add_argument("--out", required=True, help=".safetensors file (tokens, logdet, label)")
     encode.set_defaults(run=cmd_encode)
 
     decode = commands.add_parser("decode", help="tokens in a .safetensors file -> PNG grid")
     _checkpoint_arguments(decode)
     decode.add_argument("--tokens", required=True, help=".safetensors file with 'tokens'")
-    decode.add_argument("--ncols", type=int, default=None)
-    decode.add_argument("--out", required=True, help="PNG file")
+    decode.add_argument("--ncols", type=positive_int, default=None)
+    decode.add_argument("--out", required=True, help="image file (.png, or .jpg: lossy)")
     decode.set_defaults(run=cmd_decode)
     return parser
+
+
+def _number(kind: type, low: float, inclusive: bool):
+    """An argparse type: a finite ``kind`` above ``low`` (or equal, with ``inclusive``)."""
+    bound = f">= {low}" if inclusive else f"> {low}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number {bound}, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (value == low and not inclusive):
+            raise argparse.ArgumentTypeError(f"expected a number {bound}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = _number(int, 1, inclusive=True)
+positive_float = _number(float, 0, inclusive=False)
+non_negative_float = _number(float, 0, inclusive=True)
 
 
 def _data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -310,6 +394,11 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
         default="mnist5k",
         help="mnist5k, digits, photo-patches, an image folder, an .npz file or "
         "a CIFAR-10 batches folder (default: mnist5k)",
+    )
+    parser.add_argument(
+        "--skip-corrupt",
+        action="store_true",
+        help="skip unreadable files in an image folder (default: refuse the folder)",
     )
 
 
@@ -328,13 +417,33 @@ def _checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command; every failure is one line on stderr and a non-zero exit code.
+
+    Set ``JETBLOCKS_TRACEBACK=1`` to see the traceback of an unexpected error.
+    """
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, CheckpointError, FileNotFoundError) as error:
-        print(f"jetblocks {args.command}: error: {error}", file=sys.stderr)
+    except (ValueError, TypeError, OSError, DivergenceError) as error:
+        print(f"jetblocks {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"jetblocks {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if os.environ.get("JETBLOCKS_TRACEBACK"):
+            raise
+        print(
+            f"jetblocks {args.command}: internal error: {type(error).__name__}: "
+            f"{_one_line(error)} (set JETBLOCKS_TRACEBACK=1 to see the traceback)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,11 @@ import torch
 from torch import Tensor
 
 from jetblocks.checkpoint import (
-    CheckpointError,
+    CorruptCheckpointError,
     check_config,
     load_model_weights,
     read_json,
+    resolve_checkpoint,
     save_model,
 )
 from jetblocks.couplings import (
@@ -35,7 +37,13 @@ from jetblocks.couplings import (
 )
 from jetblocks.flow import Flow, FlowSequence, check_backprop
 from jetblocks.latents import patchify, unpatchify
-from jetblocks.likelihood import PIXEL_BIN, bits_per_dim, dequantize, standard_normal_log_prob
+from jetblocks.likelihood import (
+    PIXEL_BIN,
+    bin_centers,
+    bits_per_dim,
+    dequantize,
+    standard_normal_log_prob,
+)
 from jetblocks.vit import ViTConditioner, check_attention_backend
 
 KINDS = ("channels", "spatial")
@@ -98,14 +106,16 @@ class JetConfig:
         self._validate()
 
     def _validate(self) -> None:
-        (height, width), p = self.image_size, self.patch_size
         positive = ("channels", "patch_size", "depth", "block_depth", "emb_dim", "num_heads")
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ValueError(f"JetConfig.{name} must be a positive int, got {value!r}")
-        if len(self.image_size) != 2 or min(self.image_size) < 1:
-            raise ValueError(f"JetConfig.image_size must be (H, W), got {self.image_size}")
+        if len(self.image_size) != 2 or not all(_is_int(s) and s >= 1 for s in self.image_size):
+            raise ValueError(
+                f"JetConfig.image_size must be (H, W) with positive ints, got {self.image_size}"
+            )
+        (height, width), p = self.image_size, self.patch_size
         if height % p or width % p:
             raise ValueError(
                 f"image_size {self.image_size} is not divisible by patch_size {p}; "
@@ -141,11 +151,16 @@ class JetConfig:
                 spatial_halves(pattern, self.grid)
             except ValueError as error:
                 raise ValueError(f"JetConfig: {error}") from None
-        if not self.scale_factor > 0:
-            raise ValueError(f"JetConfig.scale_factor must be positive, got {self.scale_factor}")
-        if self.context_dim is not None and (
-            not isinstance(self.context_dim, int) or self.context_dim < 1
+        scale = self.scale_factor
+        if (
+            isinstance(scale, bool)
+            or not isinstance(scale, (int, float))
+            or not (0 < scale < math.inf)
         ):
+            raise ValueError(f"JetConfig.scale_factor must be positive and finite, got {scale!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**64:
+            raise ValueError(f"JetConfig.seed must be an int in [0, 2**64), got {self.seed!r}")
+        if self.context_dim is not None and (not _is_int(self.context_dim) or self.context_dim < 1):
             raise ValueError(
                 f"JetConfig.context_dim must be None or a positive int, got {self.context_dim!r}"
             )
@@ -248,15 +263,16 @@ class Jet(Flow):
 
     # -- the flow ---------------------------------------------------------------------------
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Images ``[B, C, H, W]`` (float, ``[-1, 1]`` + dequantization) to tokens ``[B, N, D]``."""
+        """Images ``[B, C, H, W]`` to tokens ``[B, N, D]``: the raw bijection, defined on all
+        of ``R^(CHW)`` (values are not range-checked here; :meth:`encode` checks them)."""
         cfg = self.config
-        _check(x, "images", (cfg.channels, *cfg.image_size), "[B, C, H, W]")
+        self._check(x, "images", (cfg.channels, *cfg.image_size), "[B, C, H, W]")
         return self.couplings(patchify(x, cfg.patch_size), context)
 
     def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Tokens ``[B, N, D]`` to images ``[B, C, H, W]``, with the inverse map's log-det."""
         cfg = self.config
-        _check(y, "tokens", (cfg.num_tokens, cfg.token_dim), "[B, N, D]")
+        self._check(y, "tokens", (cfg.num_tokens, cfg.token_dim), "[B, N, D]")
         x, logdet = self.couplings.inverse(y, context)
         return unpatchify(x, cfg.patch_size, cfg.grid), logdet
 
@@ -265,18 +281,24 @@ class Jet(Flow):
         self,
         images: Tensor,
         context: Tensor | None = None,
+        *,
+        noise: bool = False,
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Images to soft tokens: ``(tokens [B, N, D], logdet [B])``.
 
-        uint8 images are dequantized with noise from ``generator``; float images must
-        already be in ``[-1, 1]`` (dequantized values up to ``1 + 1/127.5`` are accepted).
+        uint8 pixels ``k`` go to the centre of their bin, ``(k + 0.5) / 127.5 - 1``, so
+        ``to_uint8(decode(encode(pixels))) == pixels`` holds whenever the flow's round-trip
+        error is below half a bin; with ``noise=True`` they get uniform dequantization noise
+        from ``generator`` instead (what :meth:`log_prob` and :meth:`bits_per_dim` use).
+        Float images must already lie in ``[-1, 1 + 1/127.5]``.
         """
-        return self(self._to_unit(images, generator), context)
+        return self(self._to_unit(images, noise, generator), _checked_context(context))
 
     def decode(self, tokens: Tensor, context: Tensor | None = None) -> Tensor:
         """Soft tokens back to float images (``jetblocks.to_uint8`` turns them into pixels)."""
-        return self.inverse(tokens, context)[0]
+        _check_finite(tokens, "tokens")
+        return self.inverse(tokens, _checked_context(context))[0]
 
     def sample(
         self,
@@ -286,6 +308,16 @@ class Jet(Flow):
         context: Tensor | None = None,
     ) -> Tensor:
         """``n`` images decoded from ``z ~ N(0, temperature^2 I)``."""
+        if not _is_int(n) or n < 0:
+            raise ValueError(f"sample: n must be an int >= 0, got {n!r}")
+        if (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, (int, float))
+            or not (0 <= temperature < math.inf)
+        ):
+            raise ValueError(
+                f"sample: temperature must be a finite number >= 0, got {temperature!r}"
+            )
         cfg, weight = self.config, next(self.parameters())
         noise_device = generator.device if generator is not None else weight.device
         z = torch.randn(
@@ -299,8 +331,8 @@ class Jet(Flow):
         context: Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Log-density ``[B]`` (nats) of the dequantized images in ``[-1, 1]`` units."""
-        z, logdet = self.encode(images, context, generator)
+        """Log-density ``[B]`` (nats) of the uniformly dequantized images in ``[-1, 1]`` units."""
+        z, logdet = self.encode(images, context, noise=True, generator=generator)
         return standard_normal_log_prob(z) + logdet
 
     def bits_per_dim(
@@ -309,8 +341,8 @@ class Jet(Flow):
         context: Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Bits per dimension ``[B]`` (uint8 input is dequantized first)."""
-        return bits_per_dim(*self.encode(images, context, generator))
+        """Bits per dimension ``[B]`` (uint8 input is uniformly dequantized first)."""
+        return bits_per_dim(*self.encode(images, context, noise=True, generator=generator))
 
     # -- checkpoints -------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
@@ -319,32 +351,55 @@ class Jet(Flow):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, config: JetConfig | None = None) -> Jet:
-        """A Jet from :meth:`save_pretrained`'s directory (on the CPU; move it afterwards).
+        """A Jet from :meth:`save_pretrained`'s directory, a training checkpoint, or a training
+        run's directory (its newest checkpoint), on the CPU; move it afterwards.
 
         With ``config`` given, the Jet is built from it (so runtime settings such as
         ``attention_backend`` may differ from the saved ones) and a checkpoint made for
         another architecture is refused with a message naming every mismatched field.
         """
+        directory = resolve_checkpoint(directory)
         if config is None:
-            saved = read_json(Path(directory) / "config.json")
+            saved = read_json(directory / "config.json")
             try:
                 config = JetConfig.from_dict(saved)
             except (TypeError, ValueError) as error:
-                raise CheckpointError(
+                raise CorruptCheckpointError(
                     f"{directory}/config.json is not a valid JetConfig: {error}"
                 ) from None
-        else:
-            check_config(config.to_dict(), directory)
+        check_config(config.to_dict(), directory)
         jet = cls(config)
         load_model_weights(jet, directory)
         return jet
 
-    def _to_unit(self, images: Tensor, generator: torch.Generator | None) -> Tensor:
+    def _check(self, x: Tensor, what: str, event_shape: tuple[int, ...], layout: str) -> None:
+        """Refuse a tensor of the wrong rank, shape or dtype (metadata only: no device sync)."""
+        _check_shape(x, what, event_shape, layout)
+        dtype = next(self.parameters()).dtype
+        if not x.is_floating_point():
+            raise ValueError(f"{what} must be a floating-point tensor, got {x.dtype}")
+        if x.dtype != dtype:
+            raise ValueError(
+                f"{what} must be a floating-point tensor of this Jet's dtype {dtype}, got "
+                f"{x.dtype}; convert the input (.to({dtype})) or the model (jet.to(dtype))"
+            )
+
+    def _to_unit(self, images: Tensor, noise: bool, generator: torch.Generator | None) -> Tensor:
         cfg = self.config
-        _check(images, "images", (cfg.channels, *cfg.image_size), "[B, C, H, W]", allow_uint8=True)
+        _check_shape(images, "images", (cfg.channels, *cfg.image_size), "[B, C, H, W]")
+        dtype = next(self.parameters()).dtype
         if images.dtype == torch.uint8:
-            return dequantize(images, generator).to(next(self.parameters()).dtype)
-        if not torch.compiler.is_compiling():
+            if noise:
+                return dequantize(images, generator).to(dtype)
+            if generator is not None:
+                raise ValueError("encode: a generator is only used with noise=True")
+            return bin_centers(images).to(dtype)
+        if not images.is_floating_point():
+            raise ValueError(
+                f"images must be a uint8 or floating-point tensor, got {images.dtype}"
+            )
+        _check_finite(images, "images")
+        if images.numel() and not torch.compiler.is_compiling():
             low, high = images.min().item(), images.max().item()
             if low < -1.0 or high > 1.0 + PIXEL_BIN:
                 raise ValueError(
@@ -354,20 +409,28 @@ class Jet(Flow):
         return images
 
 
-def _check(
-    x: Tensor, what: str, event_shape: tuple[int, ...], layout: str, allow_uint8: bool = False
-) -> None:
-    """Refuse tensors of the wrong rank, shape or dtype, or with non-finite values."""
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_shape(x: Tensor, what: str, event_shape: tuple[int, ...], layout: str) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != len(event_shape) + 1 or tuple(x.shape[1:]) != event_shape:
         expected = ", ".join(map(str, event_shape))
         raise ValueError(f"{what} must have shape {layout} = [B, {expected}], got {list(x.shape)}")
-    if allow_uint8 and x.dtype == torch.uint8:
-        return
-    if not x.is_floating_point():
-        accepted = "uint8 or floating-point" if allow_uint8 else "floating-point"
-        raise ValueError(f"{what} must be a {accepted} tensor, got {x.dtype}")
-    if not torch.compiler.is_compiling() and not torch.isfinite(x).all():
+
+
+def _check_finite(x: Tensor, what: str) -> None:
+    """Refuse NaN or inf at a public entry point (one device sync; skipped when compiling)."""
+    if isinstance(x, Tensor) and not torch.compiler.is_compiling() and not torch.isfinite(x).all():
         raise ValueError(f"{what} contain non-finite values (NaN or inf)")
+
+
+def _checked_context(context: Tensor | None) -> Tensor | None:
+    if context is not None:
+        _check_finite(context, "context")
+    return context
 
 
 __all__ = ["PRESETS", "Jet", "JetConfig"]

@@ -27,6 +27,17 @@ def pixels_to_unit(images: Tensor) -> Tensor:
     return images.to(torch.float32) / 127.5 - 1.0
 
 
+def bin_centers(images: Tensor) -> Tensor:
+    """uint8 pixels ``k`` to float32 ``(k + 0.5) / 127.5 - 1``, the centre of each bin.
+
+    The deterministic, lossless way in: :func:`to_uint8` maps anything within half a bin
+    (``1/255``) of a centre back to its pixel.
+    """
+    if images.dtype != torch.uint8:
+        raise ValueError(f"bin_centers expects uint8 pixels, got {images.dtype}")
+    return pixels_to_unit(images) + 0.5 * PIXEL_BIN
+
+
 def dequantize(images: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """uint8 pixels to ``k / 127.5 - 1 + u`` with ``u ~ U[0, 1/127.5)`` drawn from ``generator``."""
     if images.dtype != torch.uint8:
@@ -38,8 +49,9 @@ def dequantize(images: Tensor, generator: torch.Generator | None = None) -> Tens
 def to_uint8(images: Tensor) -> Tensor:
     """Images in ``[-1, 1]`` (plus dequantization offset) back to uint8 pixels.
 
-    Each value is clipped to the pixel range and rounded down to the uint8 bin it falls in,
-    the exact inverse of :func:`dequantize`: ``to_uint8(dequantize(k)) == k``.
+    Each value is clipped to the pixel range and mapped to the uint8 bin it falls in (the
+    bin whose centre is nearest), the exact inverse of :func:`dequantize` and
+    :func:`bin_centers`: ``to_uint8(dequantize(k)) == to_uint8(bin_centers(k)) == k``.
     """
     return torch.floor((images.float() + 1.0) * 127.5).clamp_(0, 255).to(torch.uint8)
 
@@ -52,7 +64,7 @@ def standard_normal_log_prob(z: Tensor) -> Tensor:
 
 def bits_per_dim(z: Tensor, logdet: Tensor) -> Tensor:
     """Bits per dimension ``[B]`` of the dequantized input that ``z, logdet`` came from."""
-    return nats_to_bits_per_dim(-standard_normal_log_prob(z), logdet, z[0].numel())
+    return nats_to_bits_per_dim(-standard_normal_log_prob(z), logdet, z.shape[1:].numel())
 
 
 def nats_to_bits_per_dim(latent_nll: Tensor, logdet: Tensor, num_dims: int) -> Tensor:

@@ -11,6 +11,12 @@ in one process or under ``torchrun`` (DDP or FSDP2), and writes into ``out_dir``
 ``checkpoints/step_XXXXXXXX/`` (``config.json``, ``model.safetensors``, ``trainer.json`` +
 ``trainer.safetensors``: optimizer, scheduler, EMA, data-loader and RNG states, step),
 ``metrics.jsonl`` and ``samples/step_XXXXXXXX.png``.
+
+Guard rails: a run directory that already holds a run is refused unless resumed or
+explicitly overwritten (then only the files a run writes are deleted); resuming falls back
+to the newest intact checkpoint and refuses changed training settings; a non-finite loss or
+gradient norm stops the run (or skips the step, ``nonfinite="skip"``) before the optimizer
+touches the weights, so no checkpoint ever holds NaNs.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import dataclasses
 import json
 import math
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -35,10 +42,13 @@ from torch.distributed.checkpoint.state_dict import (
 
 from jetblocks.checkpoint import (
     CheckpointError,
+    CorruptCheckpointError,
     atomic_directory,
     check_config,
+    checkpoints_in,
     load_state,
     read_tensors,
+    remove_orphans,
     save_state,
     write_model_files,
 )
@@ -77,6 +87,8 @@ class TrainConfig:
     samples_per_temperature: int = 8
     seed: int = 0
     progress: bool = True
+    nonfinite: str = "stop"  # a NaN/inf loss or gradient norm: "stop", or "skip" the step
+    max_nonfinite_steps: int = 10  # with "skip": stop after this many bad steps in a row
 
     def __post_init__(self) -> None:
         self.betas, self.sample_temperatures = tuple(self.betas), tuple(self.sample_temperatures)
@@ -88,11 +100,17 @@ class TrainConfig:
             "checkpoint_every",
             "keep_checkpoints",
             "log_every",
+            "max_nonfinite_steps",
         ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"TrainConfig.lr must be positive, got {self.lr}")
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1 (an int), got {value!r}")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"TrainConfig.lr must be finite and positive, got {self.lr}")
+        if self.nonfinite not in ("stop", "skip"):
+            raise ValueError(
+                f"TrainConfig.nonfinite must be 'stop' or 'skip', got {self.nonfinite!r}"
+            )
 
     def local_batch_size(self, world_size: int) -> int:
         """Examples per rank and micro-step; the global batch must split evenly."""
@@ -103,6 +121,33 @@ class TrainConfig:
                 f"= {world_size} x {self.grad_accum}"
             )
         return self.batch_size // parts
+
+
+# What may change when a run is resumed: its length (the schedule follows the new total),
+# how it is executed, logged, evaluated and saved. Everything else (batch size, lr, seed,
+# ...) defines the run and must match its checkpoint.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "steps",
+        "bf16",
+        "distributed",
+        "activation_checkpointing",
+        "compile",
+        "eval_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "log_every",
+        "sample_temperatures",
+        "samples_per_temperature",
+        "progress",
+        "nonfinite",
+        "max_nonfinite_steps",
+    }
+)
+
+
+class DivergenceError(RuntimeError):
+    """Training produced a non-finite loss or gradient norm (the weights were not updated)."""
 
 
 def parameter_groups(model: nn.Module, kernels_only: bool) -> Iterable[Any]:
@@ -190,12 +235,6 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
             module.backprop = "checkpoint"
 
 
-def checkpoints_in(out_dir: str | Path) -> list[Path]:
-    """Complete checkpoint directories under ``out_dir``, oldest first."""
-    root = Path(out_dir) / "checkpoints"
-    return sorted(root.glob("step_*[0-9]")) if root.is_dir() else []
-
-
 class Trainer:
     """Runs the training loop; see the module docstring for what it writes."""
 
@@ -235,6 +274,7 @@ class Trainer:
             )
         self.noise_generator = torch.Generator(self.env.device).manual_seed(config.seed)
         self.step = 0
+        self.nonfinite_in_a_row = 0
 
     # -- randomness ---------------------------------------------------------------------------
     def uniform_noise(self, shape: torch.Size) -> Tensor:
@@ -255,13 +295,27 @@ class Trainer:
         return torch.autocast(self.env.device.type, torch.bfloat16, enabled=self.config.bf16)
 
     # -- the loop -------------------------------------------------------------------------------
-    def fit(self, resume: bool = False) -> dict[str, float]:
-        """Train to ``config.steps``; with ``resume`` continue from the last checkpoint."""
-        if resume and (found := checkpoints_in(self.out_dir)):
-            self.restore(found[-1])
-        elif self.env.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "metrics.jsonl").write_text("")
+    def fit(self, resume: bool = False, overwrite: bool = False) -> dict[str, float]:
+        """Train to ``config.steps``.
+
+        ``out_dir`` must not hold another run: with ``resume`` training continues from its
+        newest intact checkpoint, with ``overwrite`` the run's own files (checkpoints,
+        ``metrics.jsonl``, samples) are deleted first; anything else there is left alone.
+        """
+        self._prepare_out_dir()
+        if resume and checkpoints_in(self.out_dir):
+            self.restore_latest()
+        else:  # a run killed before its first checkpoint is resumed by starting it again
+            if self._holds_a_run():
+                if not (overwrite or resume):
+                    raise CheckpointError(
+                        f"{self.out_dir} already holds a training run; resume it "
+                        "(resume=True, --resume) or replace it (overwrite=True, --overwrite)"
+                    )
+                self._delete_run()
+            self.env.barrier()
+            if self.env.is_main:
+                (self.out_dir / "metrics.jsonl").write_text("")
         batches = iter(self.train_loader)
         progress = self._progress_bar()
         last_eval: dict[str, float] = {}
@@ -308,14 +362,41 @@ class Trainer:
                     loss = self.task.loss(self.forward_model, batch, self.uniform_noise)
                 (loss / self.config.grad_accum).backward()
             total = total + loss.detach() / self.config.grad_accum
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        self.optimizer.step()
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        if self._finite(total, norm):
+            self.nonfinite_in_a_row = 0
+            self.optimizer.step()
+        else:
+            self._on_nonfinite(total, norm)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update_parameters(self.model)
         self.step += 1
         return total
+
+    def _finite(self, loss: Tensor, norm: Tensor) -> bool:
+        """Whether every rank's loss and the gradient norm are finite (one host sync)."""
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP's DTensor
+        bad = (~torch.isfinite(loss) | ~torch.isfinite(norm)).double().reshape(1)
+        return self.env.all_sum(bad).item() == 0
+
+    def _on_nonfinite(self, loss: Tensor, norm: Tensor) -> None:
+        self.nonfinite_in_a_row += 1
+        what = f"loss {loss.item():.4g}, gradient norm {norm.item():.4g}"
+        last = checkpoints_in(self.out_dir)
+        kept = f"the last checkpoint ({last[-1].name}) is intact" if last else "nothing was saved"
+        if self.config.nonfinite == "stop":
+            raise DivergenceError(
+                f"training diverged at step {self.step + 1} ({what}); stopped before updating "
+                f"the weights, {kept}; lower the learning rate or use nonfinite='skip'"
+            )
+        if self.nonfinite_in_a_row >= self.config.max_nonfinite_steps:
+            raise DivergenceError(
+                f"training diverged: {self.nonfinite_in_a_row} non-finite steps in a row up to "
+                f"step {self.step + 1} ({what}); {kept}"
+            )
+        self._warn(f"skipped step {self.step + 1}: {what}")
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -360,10 +441,18 @@ class Trainer:
         return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
     def save_checkpoint(self) -> Path:
-        """Write ``checkpoints/step_XXXXXXXX`` atomically; keep the last ``keep_checkpoints``."""
+        """Write ``checkpoints/step_XXXXXXXX`` atomically; keep the last ``keep_checkpoints``.
+
+        Weights that are not finite are never saved (:class:`DivergenceError`); a failed
+        write (a full disk) raises ``OSError`` saying so and leaves earlier checkpoints.
+        """
         model_state, optimizer_state = get_state_dict(
             self.model, self.optimizer, options=self._options()
         )
+        if not all(torch.isfinite(v).all() for v in model_state.values() if v.is_floating_point()):
+            raise DivergenceError(
+                f"the weights at step {self.step} are not finite; not saving them"
+            )
         loader_states = self.env.gather_objects(self.train_loader.state_dict())
         target = self.out_dir / "checkpoints" / f"step_{self.step:08d}"
         if self.env.is_main:
@@ -377,18 +466,46 @@ class Trainer:
                 "torch_rng": torch.get_rng_state(),
                 "train_config": dataclasses.asdict(self.config),
             }
-            with atomic_directory(target) as staging:
-                write_model_files(staging, model_state, self.model_config)
-                save_state(staging, "trainer", trainer_state)
+            try:
+                with atomic_directory(target) as staging:
+                    write_model_files(staging, model_state, self.model_config)
+                    save_state(staging, "trainer", trainer_state)
+            except OSError as error:
+                earlier = ", ".join(p.name for p in checkpoints_in(self.out_dir)) or "none"
+                message = (
+                    f"could not write checkpoint {target.name}: {error.strerror or error}; "
+                    f"earlier checkpoints are intact ({earlier})"
+                )
+                raise OSError(*(error.errno, message) if error.errno else (message,)) from error
             for old in checkpoints_in(self.out_dir)[: -self.config.keep_checkpoints]:
                 shutil.rmtree(old)
         self.env.barrier()
         return target
 
+    def restore_latest(self) -> Path:
+        """Restore the newest checkpoint that loads; skipped (corrupt) ones are reported."""
+        skipped: list[str] = []
+        for directory in reversed(checkpoints_in(self.out_dir)):
+            try:
+                self.restore(directory)
+            except CorruptCheckpointError as error:
+                skipped.append(f"{directory.name} ({error})")
+                self._warn(f"skipping checkpoint {directory.name}: {error}")
+                continue
+            if skipped:
+                self._warn(f"resumed from {directory.name}, skipped {len(skipped)} newer one(s)")
+            return directory
+        raise CorruptCheckpointError(
+            f"no intact checkpoint to resume in {self.out_dir}: " + "; ".join(skipped)
+        )
+
     def restore(self, directory: Path) -> None:
-        """Load a checkpoint written by :meth:`save_checkpoint` (same model config, world size)."""
-        check_config(self.model_config, directory)
+        """Load a checkpoint written by :meth:`save_checkpoint` (same model config, training
+        settings and world size); nothing is changed unless every file of it reads."""
         state = load_state(directory, "trainer")
+        check_config(self.model_config, directory)
+        model_state = read_tensors(directory / "model.safetensors")
+        self._check_train_config(state.get("train_config", {}), directory)
         if len(state["loaders"]) != self.env.world_size:
             raise CheckpointError(
                 f"{directory} was written by {len(state['loaders'])} processes; resume it with "
@@ -397,7 +514,7 @@ class Trainer:
         set_state_dict(
             self.model,
             self.optimizer,
-            model_state_dict=read_tensors(directory / "model.safetensors"),
+            model_state_dict=model_state,
             optim_state_dict=state["optimizer"],
             options=StateDictOptions(full_state_dict=True),
         )
@@ -413,7 +530,55 @@ class Trainer:
             kept = [r for r in _read_jsonl(log) if r["step"] <= self.step]
             log.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
+    def _check_train_config(self, saved: dict[str, Any], directory: Path) -> None:
+        saved = json.loads(json.dumps(saved))  # tuples and lists compare equal
+        current = json.loads(json.dumps(dataclasses.asdict(self.config)))
+        changed = [
+            f"{name}: the run has {saved[name]!r}, now {current[name]!r}"
+            for name in sorted(set(saved) & set(current) - RESUMABLE_CHANGES)
+            if saved[name] != current[name]
+        ]
+        if changed:
+            raise CheckpointError(
+                f"cannot resume {directory}: training settings changed ({'; '.join(changed)}); "
+                "resume with the run's settings or start a new run"
+            )
+
+    # -- run directories ------------------------------------------------------------------------
+    def _prepare_out_dir(self) -> None:
+        """Create ``out_dir``; remove temporary files a killed save left behind."""
+        if not self.env.is_main:
+            return
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise CheckpointError(f"the run directory {self.out_dir} is a file, not a folder")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        orphans = remove_orphans(self.out_dir / "checkpoints", "step_*")
+        orphans += remove_orphans(self.out_dir / "samples", "step_*.png")
+        orphans += remove_orphans(self.out_dir, "metrics.jsonl")
+        if orphans:
+            self._warn(f"removed {len(orphans)} unfinished temporary file(s) of a killed save")
+
+    def _holds_a_run(self) -> bool:
+        metrics = self.out_dir / "metrics.jsonl"
+        return bool(checkpoints_in(self.out_dir)) or (
+            metrics.is_file() and metrics.stat().st_size > 0
+        )
+
+    def _delete_run(self) -> None:
+        """Delete what a run writes (and nothing else): checkpoints, metrics and samples."""
+        if not self.env.is_main:
+            return
+        for checkpoint in checkpoints_in(self.out_dir):
+            shutil.rmtree(checkpoint)
+        for sample in (self.out_dir / "samples").glob("step_*.png"):
+            sample.unlink()
+        (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
+
     # -- helpers --------------------------------------------------------------------------------
+    def _warn(self, message: str) -> None:
+        if self.env.is_main:
+            print(f"jetblocks: {message}", file=sys.stderr, flush=True)
+
     def _eval_model(self) -> nn.Module:
         model = self.ema.module if self.ema is not None else self.model
         return getattr(model, "module", model)  # DDP's wrapped module for eval and sampling
@@ -443,9 +608,18 @@ class Trainer:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines log; a last line torn by a kill mid-write is dropped."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise CheckpointError(f"{path} line {number} is corrupt: {line[:80]!r}") from None
+    return records
 
 
 def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:
@@ -454,6 +628,7 @@ def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:
 
 
 __all__ = [
+    "DivergenceError",
     "JetTask",
     "Task",
     "TrainConfig",

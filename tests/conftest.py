@@ -25,3 +25,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def digits_config():
+    """A small Jet for the built-in 8x8 ``digits`` set: channel and spatial couplings."""
+    from jetblocks import JetConfig
+
+    return JetConfig(
+        image_size=(8, 8),
+        channels=1,
+        patch_size=2,
+        depth=4,
+        block_depth=1,
+        emb_dim=16,
+        num_heads=2,
+        kinds=("channels", "spatial"),
+    )

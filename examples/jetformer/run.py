@@ -14,8 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from jetblocks.checkpoint import load_model_weights, read_json
-from jetblocks.cli import resolve_checkpoint
+from jetblocks.checkpoint import load_model_weights, read_json, resolve_checkpoint
 from jetblocks.integrations.datasets import ArraySource
 from jetblocks.integrations.sentencepiece import SentencePieceTokenizer
 from jetblocks.integrations.torchdata import image_loader, open_source
