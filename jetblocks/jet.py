@@ -395,9 +395,7 @@ class Jet(Flow):
                 raise ValueError("encode: a generator is only used with noise=True")
             return bin_centers(images).to(dtype)
         if not images.is_floating_point():
-            raise ValueError(
-                f"images must be a uint8 or floating-point tensor, got {images.dtype}"
-            )
+            raise ValueError(f"images must be a uint8 or floating-point tensor, got {images.dtype}")
         _check_finite(images, "images")
         if images.numel() and not torch.compiler.is_compiling():
             low, high = images.min().item(), images.max().item()
