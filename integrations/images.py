@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from jetblocks.checkpoint import atomic_file
+from jetblocks.extras import require
 
 # The grid's file format follows the file name: lossless PNG, or JPEG (lossy, quality 95).
 GRID_FORMATS = {
@@ -27,8 +28,7 @@ def save_grid(pixels: Tensor, path: str | os.PathLike, ncols: int) -> Path:
     The file is written to a temporary name beside ``path`` and renamed into place, so a
     crash never leaves a truncated file. Missing cells of the last row are black.
     """
-    from PIL import Image
-
+    Image = require("PIL.Image", "save_grid")
     if pixels.dtype != torch.uint8 or pixels.dim() != 4 or pixels.shape[1] not in (1, 3):
         raise ValueError(
             f"save_grid expects uint8 images [B, 1 or 3, H, W], got {pixels.dtype} "

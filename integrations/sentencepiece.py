@@ -19,18 +19,13 @@ import torch
 from torch import Tensor
 
 from jetblocks.checkpoint import atomic_file
+from jetblocks.extras import require
 
 PAD_ID, UNK_ID, EOS_ID = 0, 1, 2
 
 
 def _spm():
-    try:
-        import sentencepiece
-    except ImportError as error:
-        raise ImportError(
-            "the caption tokenizer needs sentencepiece: pip install 'jetblocks[data]'"
-        ) from error
-    return sentencepiece
+    return require("sentencepiece", "the caption tokenizer")
 
 
 class SentencePieceTokenizer:

@@ -22,7 +22,13 @@ import functools
 from typing import Any
 
 import numpy as np
-from torchdata.nodes import BaseNode, Loader, Mapper, ParallelMapper, Prefetcher
+
+from jetblocks.extras import missing_dependency
+
+try:
+    from torchdata.nodes import BaseNode, Loader, Mapper, ParallelMapper, Prefetcher
+except ModuleNotFoundError as error:
+    raise missing_dependency(error, "jetblocks.integrations.torchdata") from None
 
 from jetblocks.integrations.datasets import (
     ArraySource,

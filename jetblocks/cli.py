@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from jetblocks.checkpoint import CheckpointError, read_tensors
+from jetblocks.extras import missing_dependency
 from jetblocks.flow import BACKPROP_MODES
 from jetblocks.jet import PRESETS, Jet, JetConfig
 from jetblocks.likelihood import to_uint8
@@ -117,7 +118,6 @@ def cmd_train(args) -> None:
         compile=args.compile,
         ema_decay=args.ema,
         grad_accum=args.grad_accum,
-        activation_checkpointing=args.activation_checkpointing,
         distributed=args.distributed,
         nonfinite=args.on_nonfinite,
         max_nonfinite_steps=args.max_nonfinite_steps,
@@ -288,11 +288,6 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint each coupling, or rebuild inputs from outputs (memory-saving)",
     )
     train.add_argument(
-        "--activation-checkpointing",
-        action="store_true",
-        help="recompute each coupling in backward (for a Jet: --backprop checkpoint)",
-    )
-    train.add_argument(
         "--distributed",
         choices=("ddp", "fsdp"),
         default="ddp",
@@ -424,6 +419,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
+    except ModuleNotFoundError as error:
+        print(f"jetblocks {args.command}: error: {missing_dependency(error)}", file=sys.stderr)
+        return 2
     except (ValueError, TypeError, OSError, DivergenceError) as error:
         print(f"jetblocks {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2

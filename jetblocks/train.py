@@ -52,7 +52,6 @@ from jetblocks.checkpoint import (
     save_state,
     write_model_files,
 )
-from jetblocks.flow import FlowSequence
 from jetblocks.integrations.distributed import Distributed, wrap_model
 from jetblocks.integrations.images import save_grid
 from jetblocks.likelihood import PIXEL_BIN, bits_per_dim, pixels_to_unit, to_uint8
@@ -76,7 +75,6 @@ class TrainConfig:
     ema_decay: float | None = None
     bf16: bool = False
     grad_accum: int = 1
-    activation_checkpointing: bool = False  # = JetConfig(backprop="checkpoint") for Jets
     compile: bool = False
     distributed: str = "ddp"  # "ddp" or "fsdp" under torchrun
     eval_every: int = 1000
@@ -131,7 +129,6 @@ RESUMABLE_CHANGES = frozenset(
         "steps",
         "bf16",
         "distributed",
-        "activation_checkpointing",
         "compile",
         "eval_every",
         "checkpoint_every",
@@ -223,18 +220,6 @@ class JetTask:
         return model.sample(n, temperature, generator=generator)
 
 
-def enable_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each coupling in backward instead of storing its activations.
-
-    Sets ``backprop = "checkpoint"`` (what ``JetConfig(backprop="checkpoint")`` builds) on
-    every :class:`~jetblocks.flow.FlowSequence` of ``model`` that uses standard backprop; one
-    with ``"invertible"`` backprop, which stores even less, is left as it is.
-    """
-    for module in model.modules():
-        if isinstance(module, FlowSequence) and module.backprop == "standard":
-            module.backprop = "checkpoint"
-
-
 class Trainer:
     """Runs the training loop; see the module docstring for what it writes."""
 
@@ -256,8 +241,6 @@ class Trainer:
         self.train_loader, self.eval_batches = train_loader, eval_batches
         self.local_batch = config.local_batch_size(self.env.world_size)
         self.model = model.to(self.env.device)
-        if config.activation_checkpointing:
-            enable_activation_checkpointing(self.model)
         self.model = wrap_model(self.model, config.distributed, self.env)
         self.forward_model = torch.compile(self.model) if config.compile else self.model
         self.optimizer = reference_optimizer(

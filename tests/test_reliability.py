@@ -471,3 +471,24 @@ def test_decode_of_a_truncated_token_file_is_one_line(run, tmp_path, capsys):
     shutil.rmtree(run / "checkpoints")
     assert main(["sample", "--checkpoint", str(run), "--out", str(tmp_path / "s.png")]) == 2
     assert "no checkpoint in" in error_line(capsys)
+
+
+# -- optional dependencies -------------------------------------------------------------------------
+
+
+def test_a_missing_optional_dependency_is_one_line_naming_the_extra(
+    config_file, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    assert train(config_file, tmp_path / "run") == 2
+    assert error_line(capsys) == (
+        "jetblocks train: error: digits needs scikit-learn, which is not installed: "
+        "pip install 'jetblocks[data]'"
+    )
+    monkeypatch.setitem(sys.modules, "PIL.Image", None)
+    from jetblocks.extras import MissingDependencyError
+    from jetblocks.integrations.images import save_grid
+
+    with pytest.raises(MissingDependencyError, match=r"save_grid needs pillow.*jetblocks\[data\]"):
+        save_grid(torch.zeros(1, 1, 2, 2, dtype=torch.uint8), tmp_path / "g.png", ncols=1)

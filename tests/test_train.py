@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 
@@ -169,9 +170,8 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
 
 
 def test_ema_bf16_and_activation_checkpointing_run(tmp_path):
-    trainer = make_trainer(
-        tmp_path, steps=3, ema_decay=0.9, bf16=True, activation_checkpointing=True
-    )
+    checkpointed = dataclasses.replace(DIGITS, backprop="checkpoint")
+    trainer = make_trainer(tmp_path, steps=3, jet_config=checkpointed, ema_decay=0.9, bf16=True)
     result = trainer.fit()
     assert math.isfinite(result["bits_per_dim"])
     ema = trainer.ema.module
@@ -186,14 +186,12 @@ def test_ema_bf16_and_activation_checkpointing_run(tmp_path):
 
 def test_activation_checkpointing_gives_the_same_gradients():
     from jetblocks.testing import perturb_parameters_
-    from jetblocks.train import enable_activation_checkpointing
-
     jet = perturb_parameters_(Jet(DIGITS).double(), scale=0.1)
     x = torch.rand(3, 1, 8, 8, dtype=torch.float64) * 2 - 1
     grads = []
     for checkpointing in (False, True):
         if checkpointing:
-            enable_activation_checkpointing(jet)
+            jet.couplings.backprop = "checkpoint"
         jet.zero_grad()
         z, logdet = jet(x)
         (z.square().sum() - logdet.sum()).backward()
