@@ -186,6 +186,7 @@ def test_ema_bf16_and_activation_checkpointing_run(tmp_path):
 
 def test_activation_checkpointing_gives_the_same_gradients():
     from jetblocks.testing import perturb_parameters_
+
     jet = perturb_parameters_(Jet(DIGITS).double(), scale=0.1)
     x = torch.rand(3, 1, 8, 8, dtype=torch.float64) * 2 - 1
     grads = []
