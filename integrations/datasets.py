@@ -102,6 +102,12 @@ class Subset:
     def batch(self, indices: Sequence[int]) -> dict[str, Tensor]:
         return load_batch(self.source, [self.indices[i] for i in indices])
 
+    @property
+    def names(self) -> list[str] | None:
+        """The chosen items' names in the source (its file names), if it has names."""
+        names = getattr(self.source, "names", None)
+        return None if names is None else [names[i] for i in self.indices]
+
 
 def load_batch(source: ImageSource, indices: Sequence[int]) -> dict[str, Tensor]:
     """Collate ``source[i]`` for ``i`` in ``indices`` into ``{"image", "label"}`` tensors."""
@@ -236,6 +242,11 @@ class ImageFolder:
                 f"image folder {self.root}: none of its {len(files)} images can be read"
             )
         return readable, list(problems)
+
+    @property
+    def names(self) -> list[str]:
+        """Each image's path relative to ``root``, in index order."""
+        return [str(file) for file in self.files]
 
     def __len__(self) -> int:
         return len(self.files)
@@ -420,7 +431,8 @@ def open_source(
     channels: int | None = None,
     skip_corrupt: bool = False,
 ) -> ImageSource:
-    """The ``split`` (``"train"``/``"test"``) of the data named by ``spec``.
+    """The ``split`` (``"train"``, ``"test"``, or ``"all"`` of an unsplit folder or ``.npz``)
+    of the data named by ``spec``.
 
     ``spec`` is ``mnist5k``, ``digits``, ``photo-patches``, or a path. A ``{split}`` in the
     path is replaced by ``split``. A directory holding ``data_batch_1`` or ``test_batch`` is
@@ -431,8 +443,10 @@ def open_source(
     ``skip_corrupt`` is passed to :class:`ImageFolder`: the returned source's ``skipped``
     then lists the image files left out as unreadable.
     """
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
+    if split == "all":
+        return _unsplit(spec, image_size, channels, skip_corrupt)
     if spec in BUILTINS:
         images, labels = BUILTINS[spec](split)
         return _check_shape(ArraySource(images, labels, name=spec), spec, image_size, channels)
@@ -453,6 +467,25 @@ def open_source(
         return arrays if explicit else holdout(arrays, split)
     known = ", ".join(BUILTINS)
     raise DataError(f"{spec!r} is neither a built-in set ({known}) nor a directory or .npz file")
+
+
+def _unsplit(spec: str, image_size: int | None, channels: int | None, skip_corrupt: bool):
+    """Every image of an image folder or ``.npz`` file that is not split by its layout."""
+    path = Path(spec)
+    if path.is_dir() and not any((path / name).exists() for name in _SPLIT_MARKERS):
+        if image_size is None:
+            raise ValueError(f"image folder {path} needs an image_size")
+        return ImageFolder(path, image_size, 3 if channels is None else channels,
+                           skip_corrupt=skip_corrupt)  # fmt: skip
+    if path.suffix.lower() == ".npz" and path.is_file():
+        return _check_shape(load_npz(path, channels=channels), spec, image_size, channels)
+    raise DataError(
+        f"split 'all' takes an image folder or .npz file without train/test splits, got "
+        f"{spec!r}; use split 'train' or 'test'"
+    )
+
+
+_SPLIT_MARKERS = ("train", "test", "data_batch_1", "test_batch")
 
 
 __all__ = [

@@ -26,14 +26,10 @@ def save_grid(pixels: Tensor, path: str | os.PathLike, ncols: int) -> Path:
     ``path`` (PNG, or JPEG for a ``.jpg``/``.jpeg`` name).
 
     The file is written to a temporary name beside ``path`` and renamed into place, so a
-    crash never leaves a truncated file. Missing cells of the last row are black.
+    crash never leaves a truncated file. Missing cells of the last row are mid-grey (128).
     """
     Image = require("PIL.Image", "save_grid")
-    if pixels.dtype != torch.uint8 or pixels.dim() != 4 or pixels.shape[1] not in (1, 3):
-        raise ValueError(
-            f"save_grid expects uint8 images [B, 1 or 3, H, W], got {pixels.dtype} "
-            f"{list(pixels.shape)}"
-        )
+    _check_pixels(pixels, "save_grid")
     if len(pixels) == 0 or ncols < 1:
         raise ValueError(
             f"save_grid needs at least one image and ncols >= 1, got {len(pixels)} "
@@ -46,9 +42,40 @@ def save_grid(pixels: Tensor, path: str | os.PathLike, ncols: int) -> Path:
         )
     file_format, options = GRID_FORMATS[suffix]
     padding = -len(pixels) % ncols
-    pixels = torch.cat([pixels, pixels.new_zeros(padding, *pixels.shape[1:])])
+    pixels = torch.cat([pixels, pixels.new_full((padding, *pixels.shape[1:]), 128)])
     grid = einops.rearrange(pixels.cpu(), "(r k) c h w -> (r h) (k w) c", k=ncols)
     image = Image.fromarray(grid.squeeze(-1).numpy())
     with atomic_file(path) as staging:
         image.save(staging, format=file_format, **options)
     return Path(path)
+
+
+def _check_pixels(pixels: Tensor, caller: str) -> None:
+    if pixels.dtype != torch.uint8 or pixels.dim() != 4 or pixels.shape[1] not in (1, 3):
+        raise ValueError(
+            f"{caller} expects uint8 images [B, 1 or 3, H, W], got {pixels.dtype} "
+            f"{list(pixels.shape)}"
+        )
+
+
+def save_images(pixels: Tensor, directory: str | os.PathLike, stems: list[str]) -> list[Path]:
+    """Write uint8 images ``[B, C, H, W]`` as ``directory/STEM.png``, one per image, each
+    atomically; refuses to overwrite any existing file."""
+    Image = require("PIL.Image", "save_images")
+    _check_pixels(pixels, "save_images")
+    directory = Path(directory)
+    if len(stems) != len(pixels):
+        raise ValueError(f"{len(pixels)} images but {len(stems)} names")
+    paths = [directory / f"{stem}.png" for stem in stems]
+    taken = [path for path in paths if path.exists()]
+    if taken:
+        raise FileExistsError(
+            f"{len(taken)} of the {len(paths)} files exist already (first: {taken[0]}); "
+            "choose an empty folder"
+        )
+    for image, path in zip(pixels.cpu(), paths, strict=True):
+        array = einops.rearrange(image, "c h w -> h w c").squeeze(-1).numpy()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path) as staging:
+            Image.fromarray(array).save(staging, format="PNG")
+    return paths

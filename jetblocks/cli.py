@@ -196,38 +196,49 @@ def cmd_sample(args) -> None:
 
 
 def cmd_encode(args) -> None:
-    from safetensors.torch import save_file
-
-    from jetblocks.checkpoint import atomic_file
+    from jetblocks.checkpoint import write_tensors
     from jetblocks.integrations.distributed import Distributed
 
     out = _output_file(args.out, (".safetensors",))
     device = _device(args)
     jet = load_jet(args.checkpoint, device)
-    env = Distributed(device=device)
+    source = _source(args, jet.config, args.split)
+    count = min(len(source), args.limit or len(source))
     parts: dict[str, list[torch.Tensor]] = {"tokens": [], "logdet": [], "label": []}
     with torch.no_grad():
-        source = _source(args, jet.config, args.split)
-        for batch in _loader(args, source, args.batch_size, env, False, 1):
+        for batch in _loader(args, source, args.batch_size, Distributed(device=device), False, 1):
             tokens, logdet = jet.encode(batch["image"].to(device))
             for name, value in (("tokens", tokens), ("logdet", logdet), ("label", batch["label"])):
                 parts[name].append(value.cpu())
-            if args.limit and sum(map(len, parts["tokens"])) >= args.limit:
+            if sum(map(len, parts["tokens"])) >= count:
                 break
-    tensors = {name: torch.cat(values)[: args.limit or None] for name, values in parts.items()}
-    with atomic_file(out) as staging:
-        save_file(tensors, staging, metadata={"config": jet.config.to_json()})
-    print(json.dumps({"out": str(out), "tokens": list(tensors["tokens"].shape)}))
+    tensors = {name: torch.cat(values)[:count] for name, values in parts.items()}
+    tensors["index"] = torch.arange(count)  # the source's order: loading is not shuffled
+    names = getattr(source, "names", None)
+    metadata = {"config": jet.config.to_json(), "data": args.data, "split": args.split}
+    if names is not None:
+        metadata["names"] = json.dumps(names[:count])
+    write_tensors(out, tensors, metadata)
+    print(
+        f"encoded {count:,} images of {args.data} ({args.split}) into {out}: tokens "
+        f"{list(tensors['tokens'].shape)}, logdet, label, index"
+        + (", names in the header" if names is not None else "")
+    )
 
 
 def cmd_decode(args) -> None:
-    from jetblocks.integrations.images import GRID_SUFFIXES, save_grid
+    from jetblocks.checkpoint import read_metadata
+    from jetblocks.integrations.images import GRID_SUFFIXES, save_grid, save_images
 
-    out = _output_file(args.out, GRID_SUFFIXES)
+    out = Path(args.out)
+    grid = out.suffix.lower() in GRID_SUFFIXES
+    if not grid and out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; expected an image file name or a folder")
     device = _device(args)
     jet = load_jet(args.checkpoint, device)
-    tokens = read_tensors(Path(args.tokens)).get("tokens")
-    cfg = jet.config
+    token_file = Path(args.tokens)
+    saved = read_tensors(token_file)
+    tokens, cfg = saved.get("tokens"), jet.config
     if tokens is None or tokens.dim() != 3 or tokens.shape[1:] != (cfg.num_tokens, cfg.token_dim):
         found = None if tokens is None else list(tokens.shape)
         raise CheckpointError(
@@ -235,9 +246,16 @@ def cmd_decode(args) -> None:
             f"for this Jet, got {found}"
         )
     with torch.no_grad():
-        images = jet.decode(tokens.to(device, next(jet.parameters()).dtype))
-    ncols = args.ncols or math.ceil(math.sqrt(len(images)))
-    print(save_grid(to_uint8(images), out, ncols=ncols))
+        pixels = to_uint8(jet.decode(tokens.to(device, next(jet.parameters()).dtype)))
+    if grid:
+        ncols = args.ncols or math.ceil(math.sqrt(len(pixels)))
+        print(f"decoded {len(pixels):,} images into the grid {save_grid(pixels, out, ncols)}")
+        return
+    names = read_metadata(token_file).get("names")
+    index = saved.get("index", torch.arange(len(pixels))).tolist()
+    stems = [str(Path(n).with_suffix("")) for n in json.loads(names)] if names else None
+    files = save_images(pixels, out, stems or [f"{i:06d}" for i in index])
+    print(f"decoded {len(files):,} images into {out}/ (one PNG per image)")
 
 
 # -- argument parsing --------------------------------------------------------------------------
@@ -345,19 +363,31 @@ def build_parser() -> argparse.ArgumentParser:
     encode = commands.add_parser("encode", help="images -> tokens in a .safetensors file")
     _checkpoint_arguments(encode)
     _data_arguments(encode)
-    encode.add_argument("--split", default="test", choices=("train", "test"))
+    encode.add_argument(
+        "--split",
+        default="test",
+        choices=("train", "test", "all"),
+        help="all: every image of an unsplit folder or .npz (default: test)",
+    )
     encode.add_argument("--batch-size", type=positive_int, default=250)
     encode.add_argument(
         "--limit", type=positive_int, default=None, help="encode at most this many images"
     )
-    encode.add_argument("--out", required=True, help=".safetensors file (tokens, logdet, label)")
+    encode.add_argument(
+        "--out", required=True, help=".safetensors file (tokens, logdet, label, index; names)"
+    )
     encode.set_defaults(run=cmd_encode)
 
     decode = commands.add_parser("decode", help="tokens in a .safetensors file -> PNG grid")
     _checkpoint_arguments(decode)
     decode.add_argument("--tokens", required=True, help=".safetensors file with 'tokens'")
     decode.add_argument("--ncols", type=positive_int, default=None)
-    decode.add_argument("--out", required=True, help="image file (.png, or .jpg: lossy)")
+    decode.add_argument(
+        "--out",
+        required=True,
+        help="a grid image file (.png, or .jpg: lossy), or a folder for one PNG per image "
+        "(named after the encoded files, else their index)",
+    )
     decode.set_defaults(run=cmd_decode)
     return parser
 
@@ -400,6 +430,13 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
 def _runtime_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of data order and noise")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="CPU threads for tensor maths (default: PyTorch's, one per core; on a machine "
+        "shared with other jobs pass fewer: busy-waiting threads slow everything down)",
+    )
 
 
 def _checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
@@ -417,6 +454,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     Set ``JETBLOCKS_TRACEBACK=1`` to see the traceback of an unexpected error.
     """
     args = build_parser().parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     try:
         args.run(args)
     except ModuleNotFoundError as error:

@@ -185,3 +185,37 @@ def test_two_process_run_equals_one_process_over_the_same_global_batch(strategy,
         one["couplings.flows.0.conditioner.final_proj.weight"],
         Jet(CONFIG).state_dict()["couplings.flows.0.conditioner.final_proj.weight"],
     )
+
+
+def test_a_folder_round_trips_through_encode_and_decode_by_name(run, tmp_path, capsys):
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    pixels = digits("test")[0][:5]
+    names = ["a.png", "b.png", "sub/c.png", "sub/d.png", "z.png"]
+    for image, name in zip(pixels, names, strict=True):
+        Image.fromarray(image[0].numpy()).save(folder / name)
+    tokens = tmp_path / "tokens.safetensors"
+    common = ["--checkpoint", str(run / "run"), "--threads", "1"]
+    assert main(["encode", *common, "--data", str(folder), "--split", "all", "--out",
+                 str(tokens)]) == 0  # fmt: skip
+    assert "encoded 5 images" in capsys.readouterr().out
+    saved = read_tensors(tokens)
+    assert saved["index"].tolist() == [0, 1, 2, 3, 4] and saved["tokens"].shape == (5, 16, 4)
+    out = tmp_path / "decoded"
+    assert main(["decode", *common, "--tokens", str(tokens), "--out", str(out)]) == 0
+    assert "decoded 5 images" in capsys.readouterr().out
+    for image, name in zip(pixels, names, strict=True):
+        assert torch.equal(torch.from_numpy(np.array(Image.open(out / name)))[None], image)
+    assert main(["decode", *common, "--tokens", str(tokens), "--out", str(out)]) == 2
+    assert "5 of the 5 files exist already" in capsys.readouterr().err
+    grid = tmp_path / "grid.png"
+    assert main(["decode", *common, "--tokens", str(tokens), "--ncols", "3", "--out",
+                 str(grid)]) == 0  # fmt: skip
+    assert np.array(Image.open(grid))[8:, 16:].min() == 128  # the empty cell is grey
+
+
+def test_train_reports_the_split_sizes(tmp_path, capsys):
+    (tmp_path / "jet.json").write_text(CONFIG.to_json())
+    args = ["train", "--config", str(tmp_path / "jet.json"), *TRAIN, "--out", str(tmp_path / "r")]
+    assert main(args) == 0
+    assert "(1,497 training and 300 held-out images)" in capsys.readouterr().out
