@@ -1,4 +1,18 @@
-"""jetblocks: the Jet normalizing flow as exact, invertible, composable PyTorch blocks."""
+"""jetblocks: the Jet normalizing flow as exact, invertible, composable PyTorch blocks.
+
+Layers, each importing only from the ones above it:
+
+1. The flow maths (torch and einops only): ``flow``, ``couplings``, ``vit``, ``latents``,
+   ``likelihood``, ``memory``, ``heads``, ``jetformer``; with ``checkpoint`` (safetensors
+   files) and ``extras`` (optional dependencies), ``jet`` (the model and its latent API).
+2. ``jetblocks.integrations``: adapters to other software: data sources and
+   ``torchdata`` pipelines, image files and grids, big_vision checkpoints, sentencepiece,
+   ``torchrun`` process groups and model wrapping (``distributed``).
+3. ``train`` and ``cli``: the training loop and the ``jetblocks`` command, built on 1 and 2.
+
+``jetblocks.testing`` (the property-test kit) depends on layer 1 only. Examples use the
+public API of all three.
+"""
 
 from jetblocks.couplings import AffineCoupling, ChannelSplit, SpatialSplit
 from jetblocks.flow import Flow, FlowSequence, Inverse
