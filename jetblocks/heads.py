@@ -20,14 +20,14 @@ and ``N(mu_c, sigma_c)`` where it is not. A temperature ``T`` multiplies every s
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from jetblocks.likelihood import HALF_LOG_2PI
+
 SCALE_FLOOR = 1e-6
-_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
 def squareplus(x: Tensor) -> Tensor:
@@ -54,7 +54,7 @@ class GaussianMixture:
         """``log N(tokens; mu_k, sigma_k)`` summed over the ``d`` dims, ``[..., K]``."""
         z = tokens.to(self.means.dtype).unsqueeze(-2)
         normal = -0.5 * ((z - self.means) / self.scales).square() - self.scales.log()
-        return normal.sum(-1) - tokens.shape[-1] * _HALF_LOG_2PI
+        return normal.sum(-1) - tokens.shape[-1] * HALF_LOG_2PI
 
     def log_prob(self, tokens: Tensor) -> Tensor:
         """``log p(tokens)`` ``[...]`` in nats for tokens ``[..., d]``."""

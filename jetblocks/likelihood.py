@@ -19,7 +19,7 @@ from torch import Tensor
 from jetblocks.flow import logdet_dtype
 
 PIXEL_BIN = 1.0 / 127.5
-_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
 def pixels_to_unit(images: Tensor) -> Tensor:
@@ -59,7 +59,7 @@ def to_uint8(images: Tensor) -> Tensor:
 def standard_normal_log_prob(z: Tensor) -> Tensor:
     """``log N(z; 0, I)`` summed over every non-batch dim, ``[B]``."""
     z = z.to(logdet_dtype(z))
-    return -(0.5 * z.square() + _HALF_LOG_2PI).flatten(1).sum(1)
+    return -(0.5 * z.square() + HALF_LOG_2PI).flatten(1).sum(1)
 
 
 def bits_per_dim(z: Tensor, logdet: Tensor) -> Tensor:

@@ -27,7 +27,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def digits_config():
     """A small Jet for the built-in 8x8 ``digits`` set: channel and spatial couplings."""
     from jetblocks import JetConfig
@@ -42,3 +42,35 @@ def digits_config():
         num_heads=2,
         kinds=("channels", "spatial"),
     )
+
+
+@pytest.fixture
+def make_trainer(digits_config):
+    """``make_trainer(out_dir, steps=6, jet_config=None, task=None, **train_settings)``: a
+    :class:`~jetblocks.train.Trainer` of a fresh Jet on the built-in digits, batches of 16,
+    a checkpoint every 3 steps and one evaluation at the end."""
+    from jetblocks import Jet
+    from jetblocks.integrations.torchdata import image_loader, open_source
+    from jetblocks.train import JetTask, TrainConfig, Trainer
+
+    def make(out_dir, steps=6, jet_config=None, task=None, **overrides):
+        torch.manual_seed(0)
+        jet_config = jet_config or digits_config
+        settings = dict(steps=steps, batch_size=16, lr=3e-3, log_every=1, eval_every=steps,
+                        checkpoint_every=3, progress=False, samples_per_temperature=2)  # fmt: skip
+        config = TrainConfig(**{**settings, **overrides})
+        loader = image_loader(open_source("digits", "train"), config.local_batch_size(1), seed=0)
+        test = open_source("digits", "test")
+        return Trainer(
+            Jet(jet_config),
+            task or JetTask(),
+            config,
+            model_config=jet_config.to_dict(),
+            train_loader=loader,
+            eval_batches=lambda: image_loader(
+                test, 100, seed=0, shuffle=False, drop_last=False, epochs=1
+            ),
+            out_dir=out_dir,
+        )
+
+    return make

@@ -7,22 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-from jetblocks import Jet, JetConfig
+from jetblocks import Jet
 from jetblocks.checkpoint import read_tensors
 from jetblocks.cli import main
 from jetblocks.integrations.builtin import digits
 from jetblocks.train import checkpoints_in
 
-CONFIG = JetConfig(
-    image_size=(8, 8),
-    channels=1,
-    patch_size=2,
-    depth=4,
-    block_depth=1,
-    emb_dim=16,
-    num_heads=2,
-    kinds=("channels", "spatial"),
-)
 TRAIN = [
     "--data",
     "digits",
@@ -39,10 +29,10 @@ TRAIN = [
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, digits_config):
     """A short CLI training run on the digits."""
     root = tmp_path_factory.mktemp("cli")
-    (root / "jet.json").write_text(CONFIG.to_json())
+    (root / "jet.json").write_text(digits_config.to_json())
     assert (
         main(["train", "--config", str(root / "jet.json"), *TRAIN, "--out", str(root / "run")]) == 0
     )
@@ -140,9 +130,9 @@ def _final_parameters(out_dir):
     return read_tensors(checkpoints_in(out_dir)[-1] / "model.safetensors")
 
 
-def test_backprop_flag_trains_to_the_same_parameters(tmp_path):
+def test_backprop_flag_trains_to_the_same_parameters(tmp_path, digits_config):
     """``--backprop invertible`` is recorded in the run's config and changes no result."""
-    (tmp_path / "jet.json").write_text(CONFIG.to_json())
+    (tmp_path / "jet.json").write_text(digits_config.to_json())
     for backprop in ("standard", "invertible"):
         args = ["train", "--config", str(tmp_path / "jet.json"), *TRAIN]
         assert main([*args, "--backprop", backprop, "--out", str(tmp_path / backprop)]) == 0
@@ -154,8 +144,10 @@ def test_backprop_flag_trains_to_the_same_parameters(tmp_path):
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_process_run_equals_one_process_over_the_same_global_batch(strategy, tmp_path):
-    (tmp_path / "jet.json").write_text(CONFIG.to_json())
+def test_two_process_run_equals_one_process_over_the_same_global_batch(
+    strategy, tmp_path, digits_config
+):
+    (tmp_path / "jet.json").write_text(digits_config.to_json())
     args = ["train", "--config", str(tmp_path / "jet.json"), *TRAIN, "--distributed", strategy]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     torchrun = [
@@ -183,7 +175,7 @@ def test_two_process_run_equals_one_process_over_the_same_global_batch(strategy,
         assert (one[name] - two[name]).abs().max() < 1e-5, name
     assert not torch.equal(
         one["couplings.flows.0.conditioner.final_proj.weight"],
-        Jet(CONFIG).state_dict()["couplings.flows.0.conditioner.final_proj.weight"],
+        Jet(digits_config).state_dict()["couplings.flows.0.conditioner.final_proj.weight"],
     )
 
 
@@ -214,8 +206,8 @@ def test_a_folder_round_trips_through_encode_and_decode_by_name(run, tmp_path, c
     assert np.array(Image.open(grid))[8:, 16:].min() == 128  # the empty cell is grey
 
 
-def test_train_reports_the_split_sizes(tmp_path, capsys):
-    (tmp_path / "jet.json").write_text(CONFIG.to_json())
+def test_train_reports_the_split_sizes(tmp_path, capsys, digits_config):
+    (tmp_path / "jet.json").write_text(digits_config.to_json())
     args = ["train", "--config", str(tmp_path / "jet.json"), *TRAIN, "--out", str(tmp_path / "r")]
     assert main(args) == 0
     assert "(1,497 training and 300 held-out images)" in capsys.readouterr().out

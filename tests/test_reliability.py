@@ -21,9 +21,9 @@ from PIL import Image
 from jetblocks import Jet, JetConfig, to_uint8
 from jetblocks.checkpoint import CheckpointError, read_tensors
 from jetblocks.cli import main
-from jetblocks.integrations.torchdata import image_loader, open_source
+from jetblocks.integrations.torchdata import open_source
 from jetblocks.testing import perturb_parameters_
-from jetblocks.train import DivergenceError, JetTask, TrainConfig, Trainer, checkpoints_in
+from jetblocks.train import DivergenceError, JetTask, checkpoints_in
 
 TRAIN = ["--data", "digits", "--batch-size", "16", "--no-progress", "--eval-batch-size", "100"]
 
@@ -112,25 +112,8 @@ class NaNAfter(JetTask):
         return loss * math.nan if self.bad <= self.step < self.bad + self.count else loss
 
 
-def make_trainer(out_dir, config, task=None, **overrides):
-    torch.manual_seed(0)
-    settings = dict(steps=6, batch_size=16, lr=3e-3, checkpoint_every=2, eval_every=6,
-                    progress=False, samples_per_temperature=2)  # fmt: skip
-    train_config = TrainConfig(**{**settings, **overrides})
-    test = open_source("digits", "test")
-    return Trainer(
-        Jet(config),
-        task or JetTask(),
-        train_config,
-        model_config=config.to_dict(),
-        train_loader=image_loader(open_source("digits", "train"), 16, seed=0),
-        eval_batches=lambda: image_loader(test, 100, seed=0, shuffle=False, epochs=1),
-        out_dir=out_dir,
-    )
-
-
-def test_a_non_finite_loss_stops_training_and_keeps_the_good_checkpoints(tmp_path, digits_config):
-    trainer = make_trainer(tmp_path, digits_config, NaNAfter(bad=3))
+def test_a_non_finite_loss_stops_training_and_keeps_the_good_checkpoints(tmp_path, make_trainer):
+    trainer = make_trainer(tmp_path, task=NaNAfter(bad=3), checkpoint_every=2)
     with pytest.raises(DivergenceError, match=r"diverged at step 4 \(loss nan.*step_00000002"):
         trainer.fit()
     assert [p.name for p in checkpoints_in(tmp_path)] == ["step_00000002"]
@@ -139,13 +122,13 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_good_checkpoints(tmp_pat
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
-def test_non_finite_steps_can_be_skipped_up_to_a_limit(tmp_path, digits_config):
-    skipping = make_trainer(tmp_path / "a", digits_config, NaNAfter(bad=2, count=2),
+def test_non_finite_steps_can_be_skipped_up_to_a_limit(tmp_path, make_trainer):
+    skipping = make_trainer(tmp_path / "a", task=NaNAfter(bad=2, count=2),
                             nonfinite="skip", max_nonfinite_steps=3)  # fmt: skip
     skipping.fit()
     assert [p.name for p in checkpoints_in(tmp_path / "a")][-1] == "step_00000006"
     assert all(torch.isfinite(p).all() for p in skipping.model.parameters())
-    stopping = make_trainer(tmp_path / "b", digits_config, NaNAfter(bad=2, count=3),
+    stopping = make_trainer(tmp_path / "b", task=NaNAfter(bad=2, count=3),
                             nonfinite="skip", max_nonfinite_steps=3)  # fmt: skip
     with pytest.raises(DivergenceError, match="3 non-finite steps in a row up to step 5"):
         stopping.fit()
@@ -176,8 +159,8 @@ def test_uint8_round_trip_is_lossless_on_a_perturbed_float32_jet():
         assert (noisy - tokens).abs().max() > 0
 
 
-def test_uint8_round_trip_is_lossless_on_a_trained_jet(tmp_path, digits_config):
-    trainer = make_trainer(tmp_path, digits_config, steps=60, lr=1e-2, checkpoint_every=60)
+def test_uint8_round_trip_is_lossless_on_a_trained_jet(tmp_path, make_trainer):
+    trainer = make_trainer(tmp_path, steps=60, lr=1e-2, checkpoint_every=60)
     trainer.fit()
     jet = Jet.from_pretrained(tmp_path).eval()  # the run directory: its newest checkpoint
     pixels = torch.cat([open_source("digits", split).images for split in ("train", "test")])

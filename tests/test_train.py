@@ -9,7 +9,6 @@ from jetblocks import Jet, JetConfig
 from jetblocks.checkpoint import CheckpointError
 from jetblocks.integrations.torchdata import image_loader, open_source
 from jetblocks.train import (
-    JetTask,
     TrainConfig,
     Trainer,
     checkpoints_in,
@@ -17,46 +16,6 @@ from jetblocks.train import (
     reference_optimizer,
     warmup_cosine,
 )
-
-DIGITS = JetConfig(
-    image_size=(8, 8),
-    channels=1,
-    patch_size=2,
-    depth=4,
-    block_depth=1,
-    emb_dim=16,
-    num_heads=2,
-    kinds=("channels", "spatial"),
-)
-
-
-def make_trainer(out_dir, steps=6, jet_config=DIGITS, **overrides):
-    torch.manual_seed(0)
-    config = TrainConfig(
-        steps=steps,
-        batch_size=16,
-        lr=3e-3,
-        log_every=1,
-        eval_every=steps,
-        checkpoint_every=3,
-        progress=False,
-        samples_per_temperature=2,
-        **overrides,
-    )
-    source = open_source("digits", "train")
-    loader = image_loader(source, config.local_batch_size(1), seed=0)
-    test = open_source("digits", "test")
-    return Trainer(
-        Jet(jet_config),
-        JetTask(),
-        config,
-        model_config=jet_config.to_dict(),
-        train_loader=loader,
-        eval_batches=lambda: image_loader(
-            test, 100, seed=0, shuffle=False, drop_last=False, epochs=1
-        ),
-        out_dir=out_dir,
-    )
 
 
 def parameters(trainer):
@@ -71,7 +30,7 @@ class Killed(Exception):
     pass
 
 
-def test_resumed_run_matches_an_uninterrupted_one(tmp_path, monkeypatch):
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path, monkeypatch, make_trainer):
     straight = make_trainer(tmp_path / "straight")
     straight.fit()
 
@@ -97,7 +56,7 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path, monkeypatch):
     assert len(losses(tmp_path / "straight")) == 6
 
 
-def test_training_lowers_the_loss_and_writes_its_outputs(tmp_path):
+def test_training_lowers_the_loss_and_writes_its_outputs(tmp_path, make_trainer):
     trainer = make_trainer(tmp_path, steps=6)
     before = trainer.evaluate()["bits_per_dim"]
     after = trainer.fit()["bits_per_dim"]
@@ -112,12 +71,14 @@ def test_training_lowers_the_loss_and_writes_its_outputs(tmp_path):
     )
 
 
-def test_only_the_last_k_checkpoints_are_kept(tmp_path):
+def test_only_the_last_k_checkpoints_are_kept(tmp_path, make_trainer):
     make_trainer(tmp_path, steps=9, keep_checkpoints=2).fit()
     assert [p.name for p in checkpoints_in(tmp_path)] == ["step_00000006", "step_00000009"]
 
 
-def test_a_crash_during_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+def test_a_crash_during_save_leaves_the_previous_checkpoint_intact(
+    tmp_path, monkeypatch, make_trainer
+):
     trainer = make_trainer(tmp_path, steps=6)
     import jetblocks.train as train_module
 
@@ -142,14 +103,16 @@ def test_a_crash_during_save_leaves_the_previous_checkpoint_intact(tmp_path, mon
     assert resumed.step == 6
 
 
-def test_resuming_with_another_config_names_the_mismatched_fields(tmp_path):
+def test_resuming_with_another_config_names_the_mismatched_fields(
+    tmp_path, make_trainer, digits_config
+):
     make_trainer(tmp_path, steps=3).fit()
-    other = JetConfig(**{**DIGITS.to_dict(), "depth": 6, "emb_dim": 32})
+    other = JetConfig(**{**digits_config.to_dict(), "depth": 6, "emb_dim": 32})
     with pytest.raises(CheckpointError, match="depth: expected 6, checkpoint has 4.*emb_dim"):
         make_trainer(tmp_path, steps=6, jet_config=other).fit(resume=True)
 
 
-def test_a_corrupt_checkpoint_is_refused(tmp_path):
+def test_a_corrupt_checkpoint_is_refused(tmp_path, make_trainer):
     make_trainer(tmp_path, steps=3).fit()
     weights = checkpoints_in(tmp_path)[-1] / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
@@ -160,7 +123,7 @@ def test_a_corrupt_checkpoint_is_refused(tmp_path):
         make_trainer(tmp_path, steps=6).fit(resume=True)
 
 
-def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, make_trainer):
     one = make_trainer(tmp_path / "one", steps=3)
     one.fit()
     two = make_trainer(tmp_path / "two", steps=3, grad_accum=2)
@@ -169,8 +132,8 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     assert (parameters(one) - parameters(two)).abs().max() < 1e-5
 
 
-def test_ema_bf16_and_activation_checkpointing_run(tmp_path):
-    checkpointed = dataclasses.replace(DIGITS, backprop="checkpoint")
+def test_ema_bf16_and_activation_checkpointing_run(tmp_path, make_trainer, digits_config):
+    checkpointed = dataclasses.replace(digits_config, backprop="checkpoint")
     trainer = make_trainer(tmp_path, steps=3, jet_config=checkpointed, ema_decay=0.9, bf16=True)
     result = trainer.fit()
     assert math.isfinite(result["bits_per_dim"])
@@ -184,10 +147,10 @@ def test_ema_bf16_and_activation_checkpointing_run(tmp_path):
     )
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
+def test_activation_checkpointing_gives_the_same_gradients(digits_config):
     from jetblocks.testing import perturb_parameters_
 
-    jet = perturb_parameters_(Jet(DIGITS).double(), scale=0.1)
+    jet = perturb_parameters_(Jet(digits_config).double(), scale=0.1)
     x = torch.rand(3, 1, 8, 8, dtype=torch.float64) * 2 - 1
     grads = []
     for checkpointing in (False, True):
@@ -231,7 +194,7 @@ def test_bad_training_settings_are_refused():
         TrainConfig(steps=0)
 
 
-def test_metrics_log_is_json_lines(tmp_path):
+def test_metrics_log_is_json_lines(tmp_path, make_trainer):
     make_trainer(tmp_path, steps=3).fit()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
@@ -247,12 +210,14 @@ def test_config_mismatch_names_nested_fields_and_ignores_runtime_settings():
     assert config_mismatch({"width": 8, "attention_backend": "math"}, {"width": 8}) == []
 
 
-def test_pretrained_jet_loads_with_another_attention_backend(tmp_path):
-    jet = Jet(DIGITS)
+def test_pretrained_jet_loads_with_another_attention_backend(tmp_path, digits_config):
+    jet = Jet(digits_config)
     jet.save_pretrained(tmp_path / "jet")
-    math_config = JetConfig(**{**DIGITS.to_dict(), "attention_backend": "math"})
+    math_config = JetConfig(**{**digits_config.to_dict(), "attention_backend": "math"})
     loaded = Jet.from_pretrained(tmp_path / "jet", config=math_config)
     assert loaded.config.attention_backend == "math"
     torch.testing.assert_close(loaded.state_dict(), jet.state_dict())
     with pytest.raises(CheckpointError, match="depth: expected 5, checkpoint has 4"):
-        Jet.from_pretrained(tmp_path / "jet", config=JetConfig(**{**DIGITS.to_dict(), "depth": 5}))
+        Jet.from_pretrained(
+            tmp_path / "jet", config=JetConfig(**{**digits_config.to_dict(), "depth": 5})
+        )

@@ -16,6 +16,7 @@ causal over the whole sequence, then a final RMSNorm. Image positions are read o
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import torch
@@ -52,8 +53,9 @@ class JetFormerConfig:
         if self.num_heads % self.num_kv_heads or self.head_dim % 2:
             raise ValueError("num_heads must be a multiple of num_kv_heads; head_dim even")
 
-    @property
+    @functools.cached_property
     def jet_config(self) -> JetConfig:
+        """``jet`` as a :class:`JetConfig` (parsed once)."""
         return JetConfig.from_dict(self.jet)
 
     @property

@@ -16,8 +16,8 @@ import copy
 from typing import Any
 
 from jetblocks import JetConfig
+from jetblocks.couplings import SPATIAL_PATTERNS
 
-_ALL_SPATIAL = ("checkerboard", "checkerboard-inv", "vstripes", "vstripes-inv", "hstripes")
 _REFERENCE_RECIPE = dict(lr=1e-3, betas=(0.9, 0.95), weight_decay=1e-4, decay_kernels_only=True)
 # The CPU presets' decoder and, for the class-conditional ones, label prefix and recipe.
 _CPU_DECODER = dict(width=128, depth=3, mlp_dim=512, num_heads=4, head_dim=32, num_mixtures=16)
@@ -108,7 +108,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             jet=JetConfig(image_size=(32, 32), channels=3, patch_size=4, depth=32,
                           block_depth=1, emb_dim=192, num_heads=4,
                           kinds=("channels",) * 4 + ("spatial",),
-                          spatial_patterns=(*_ALL_SPATIAL, "hstripes-inv")).to_dict(),
+                          spatial_patterns=SPATIAL_PATTERNS).to_dict(),
             keep=8,
             width=384,
             depth=12,
