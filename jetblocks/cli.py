@@ -105,7 +105,12 @@ def cmd_train(args) -> None:
 
     env = init_distributed(str(_device(args)))
     if args.config:
-        jet_config = JetConfig.from_json(Path(args.config).read_text())
+        try:
+            jet_config = JetConfig.from_json(Path(args.config).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as error:
+            raise ValueError(
+                f"--config {args.config} is not a JetConfig JSON file: {error}"
+            ) from None
     else:
         jet_config = JetConfig.preset(args.preset)
     if args.backprop is not None:

@@ -475,3 +475,10 @@ def test_a_missing_optional_dependency_is_one_line_naming_the_extra(
 
     with pytest.raises(MissingDependencyError, match=r"save_grid needs pillow.*jetblocks\[data\]"):
         save_grid(torch.zeros(1, 1, 2, 2, dtype=torch.uint8), tmp_path / "g.png", ncols=1)
+
+
+def test_a_config_file_that_is_not_json_is_named(tmp_path, capsys):
+    (tmp_path / "jet.yaml").write_text("depth: 4\n")
+    assert main(["train", "--config", str(tmp_path / "jet.yaml"), *TRAIN, "--out",
+                 str(tmp_path / "run")]) == 2  # fmt: skip
+    assert f"--config {tmp_path / 'jet.yaml'} is not a JetConfig JSON file" in error_line(capsys)
