@@ -482,3 +482,14 @@ def test_a_config_file_that_is_not_json_is_named(tmp_path, capsys):
     assert main(["train", "--config", str(tmp_path / "jet.yaml"), *TRAIN, "--out",
                  str(tmp_path / "run")]) == 2  # fmt: skip
     assert f"--config {tmp_path / 'jet.yaml'} is not a JetConfig JSON file" in error_line(capsys)
+
+
+def test_the_adversarial_catalogue_runs_in_smoke_mode(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "reliability.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--strict", "--out", str(tmp_path / "r.json")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["counts"]["traceback"] == report["counts"]["silent_wrong"] == 0
