@@ -23,7 +23,7 @@ from jetblocks import (
     ViTConditioner,
 )
 from jetblocks.couplings import SPATIAL_PATTERNS
-from jetblocks.testing import FlowCase, parametrize_flows
+from jetblocks.testing import CheckOptions, FlowCase, parametrize_flows
 
 GRID, DIM = (2, 4), 4  # tokens [B, 8, 4]: every spatial pattern halves a 2x4 grid
 TOKENS = (GRID[0] * GRID[1], DIM)
@@ -48,9 +48,9 @@ def spatial_coupling(pattern: str = "checkerboard") -> AffineCoupling:
     return AffineCoupling(SpatialSplit(GRID, DIM, pattern), vit(), scale_factor=1.5)
 
 
-def sequence(checkpoint: bool = False) -> FlowSequence:
+def sequence(backprop: str = "standard") -> FlowSequence:
     flows = [channel_coupling(1), spatial_coupling("hstripes"), ChannelSplit(DIM, 2)]
-    return FlowSequence(flows, checkpoint=checkpoint)
+    return FlowSequence(flows, backprop=backprop)
 
 
 def small_jet(context_dim: int | None = None) -> Jet:
@@ -73,12 +73,16 @@ BLOCKS = [
     FlowCase("affine_coupling_context", partial(channel_coupling, 0, 3), TOKENS, CONTEXT),
     FlowCase("affine_coupling_math_attention", partial(channel_coupling, 0, None, "math"), TOKENS),
     FlowCase("flow_sequence", sequence, TOKENS),
-    FlowCase("flow_sequence_checkpointed", partial(sequence, checkpoint=True), TOKENS),
+    FlowCase("flow_sequence_checkpointed", partial(sequence, "checkpoint"), TOKENS),
     FlowCase("inverse_coupling", lambda: Inverse(spatial_coupling("vstripes-inv")), TOKENS),
-    FlowCase("affine_coupling_bfloat16", channel_coupling, TOKENS, options={"dtype": BF16}),
+    FlowCase(
+        "affine_coupling_bfloat16", channel_coupling, TOKENS, options=CheckOptions(dtype=BF16)
+    ),
     FlowCase("jet", small_jet, (3, 4, 4)),
-    FlowCase("jet_float32", small_jet, (3, 4, 4), options={"dtype": torch.float32}),
-    FlowCase("jet_context", partial(small_jet, 3), (3, 4, 4), CONTEXT, {"max_examples": 10}),
+    FlowCase("jet_float32", small_jet, (3, 4, 4), options=CheckOptions(dtype=torch.float32)),
+    FlowCase(
+        "jet_context", partial(small_jet, 3), (3, 4, 4), CONTEXT, CheckOptions(max_examples=10)
+    ),
 ]
 
 

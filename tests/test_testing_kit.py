@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from functools import partial
 
@@ -17,6 +18,7 @@ from jetblocks.couplings import SPATIAL_PATTERNS, spatial_halves
 from jetblocks.testing import (
     DEFAULT_TOLERANCES,
     PROPERTIES,
+    CheckOptions,
     FlowCase,
     FlowCheckError,
     check_flow,
@@ -452,6 +454,39 @@ def test_invalid_arguments_are_refused(kwargs, match):
         check_flow(Scale(), **kwargs)
 
 
+def test_options_and_keywords_are_one_set_of_settings():
+    """``options=CheckOptions(...)`` holds the same settings as the keywords; keywords win."""
+    options = CheckOptions(max_examples=3, seed=1)
+    assert check_flow(Scale(), event_shape=(4,), options=options).examples == 3
+    assert check_flow(Scale(), event_shape=(4,), options=options, max_examples=2).examples == 2
+    resolved = CheckOptions.resolve(options, {"max_examples": 2})
+    assert resolved == CheckOptions(max_examples=2, seed=1) and options.max_examples == 3
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.seed = 2  # type: ignore[misc]
+
+
+def test_an_unknown_setting_is_a_type_error_naming_it():
+    with pytest.raises(TypeError, match=r"option 'max_example' \(did you mean 'max_examples'\?\)"):
+        check_flow(Scale(), event_shape=(4,), max_example=3)
+    with pytest.raises(TypeError, match="unknown check_flow option 'tolerance'"):
+        FlowCase("scale", Scale, (4,)).check(tolerance=1e-3)
+    with pytest.raises(TypeError, match="unknown check_flow option 'examples'"):
+        flow_test(Scale, event_shape=(4,), examples=3)  # when the test is made, not run
+    with pytest.raises(TypeError, match="options must be a CheckOptions, got dict"):
+        check_flow(Scale(), event_shape=(4,), options={"max_examples": 3})
+
+
+def test_options_are_validated_and_normalised_when_built():
+    with pytest.raises(ValueError, match="unknown properties"):
+        CheckOptions(skip=("roundtrip",))
+    with pytest.raises(ValueError, match="pass atol and rtol"):
+        CheckOptions(dtype=torch.complex64)
+    assert CheckOptions(dtype=torch.complex64, atol=1e-3, rtol=1e-3).tolerances == (1e-3, 1e-3)
+    assert CheckOptions(atol=1e-6).tolerances == (1e-6, 1e-6)  # rtol: float64's default
+    options = CheckOptions(skip=["gradients"], reproduce="AXic")
+    assert options.skip == frozenset({"gradients"}) and options.reproduce == b"AXic"
+
+
 def test_flows_onto_a_bounded_set_use_images_as_inverse_inputs():
     with pytest.raises(FlowCheckError) as caught:
         check_flow(Sigmoid, event_shape=(3,))  # inverse of y outside (0, 1) is NaN
@@ -493,7 +528,7 @@ def test_flow_test_builds_a_named_failing_test_for_a_broken_flow():
 
 CASES = [
     FlowCase("scale", Scale, (4,)),
-    FlowCase("coupling", partial(AffineCoupling1d, 4), (4,), options={"max_examples": 5}),
+    FlowCase("coupling", partial(AffineCoupling1d, 4), (4,), options=CheckOptions(max_examples=5)),
 ]
 
 
@@ -604,7 +639,7 @@ def test_finite_differences_false_keeps_only_the_autograd_part_of_gradients():
         check_flow(UnusedParameter, event_shape=(4,), finite_differences=False)
     assert caught.value.property == "gradients"
     assert "finite_differences=False" in " ".join(check_flow.__doc__.split())
-    case = FlowCase("wrong", wrong, (4, 3, 3), options={"finite_differences": False})
+    case = FlowCase("wrong", wrong, (4, 3, 3), options=CheckOptions(finite_differences=False))
     assert case.check(max_examples=2).examples == 2
 
 

@@ -16,14 +16,18 @@ import math
 import re
 import time
 from collections.abc import Callable, Collection, Iterator
+from functools import partial
+from typing import Any, NamedTuple, NoReturn
 
 import hypothesis
 import torch
 from hypothesis import HealthCheck, Phase, Verbosity, given, settings
 from hypothesis.errors import DidNotReproduce, FailedHealthCheck, Flaky, HypothesisException
+from hypothesis.strategies import SearchStrategy
 from torch import Tensor, nn
 
 from jetblocks.testing import strategies
+from jetblocks.testing.options import CheckOptions
 from jetblocks.testing.perturb import perturb_parameters_
 from jetblocks.testing.properties import (
     PROPERTIES,
@@ -39,29 +43,13 @@ from jetblocks.testing.properties import (
     check_shapes,
     check_state_dict,
 )
+from jetblocks.testing.strategies import FlowExample
 
-__all__ = ["DEFAULT_TOLERANCES", "FlowCheckReport", "check_flow", "default_tolerances"]
-
-#: ``(atol, rtol)`` per dtype. Values must satisfy ``|received - expected| <= atol + rtol *
-#: |expected|``; log-dets use ``atol * sqrt(n)`` for ``n`` elements per example.
-DEFAULT_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
-    torch.float64: (1e-8, 1e-6),
-    torch.float32: (1e-4, 1e-4),
-    torch.float16: (1e-2, 1e-2),
-    torch.bfloat16: (5e-2, 5e-2),
-}
+__all__ = ["FlowCheckReport", "check_flow"]
 
 _BLOB = re.compile(r"@reproduce_failure\('([^']*)', (b'[^']*')\)")
-
-
-def default_tolerances(dtype: torch.dtype) -> tuple[float, float]:
-    """``(atol, rtol)`` that :func:`check_flow` uses for ``dtype`` (see the table there)."""
-    if dtype not in DEFAULT_TOLERANCES:
-        raise ValueError(
-            f"no default tolerances for {dtype}; pass atol and rtol (known dtypes: "
-            f"{list(DEFAULT_TOLERANCES)})"
-        )
-    return DEFAULT_TOLERANCES[dtype]
+_GENERATE = (Phase.explicit, Phase.generate)
+_GENERATE_AND_SHRINK = (Phase.explicit, Phase.generate, Phase.shrink)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,94 +64,13 @@ class FlowCheckReport:
     seconds: float
 
 
-@contextlib.contextmanager
-def _checking(prop: str) -> Iterator[None]:
-    """Report any exception raised while checking ``prop`` as a failure of ``prop``."""
-    try:
-        yield
-    except FlowCheckError:
-        raise
-    except Exception as exc:
-        raise FlowCheckError(
-            f"the flow raised {type(exc).__name__} while this property was checked: {exc}",
-            property=prop,
-        ) from exc
-
-
-def _shape(value: int | Collection[int], name: str) -> tuple[int, ...]:
-    shape = (value,) if isinstance(value, int) else tuple(value)
-    if not all(isinstance(s, int) and s >= 1 for s in shape):
-        raise ValueError(f"{name} must be a tuple of positive ints (no batch dim), got {value!r}")
-    return shape
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    for tensor in (*module.parameters(), *module.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
-def _cuda_devices(plan: _Plan) -> list[int]:
-    """The CUDA device whose RNG to fork as well as the CPU's (the flow's, if on CUDA)."""
-    device = plan.device if plan.factory is not None else plan.device or _device_of(plan.flow)
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    if device.type != "cuda":
-        return []
-    return [device.index if device.index is not None else torch.cuda.current_device()]
-
-
-def _scramble_state_(module: nn.Module, seed: int) -> None:
-    """Overwrite every state-dict entry: floats get N(0, 1) noise added, integer and bool
-    tensors have their elements permuted (loading the state dict must undo all of it)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for tensor in module.state_dict(keep_vars=True).values():
-            if tensor.is_floating_point():
-                noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float64)
-                tensor.add_(noise.to(tensor.device, tensor.dtype))
-            elif tensor.numel() > 1:
-                order = torch.randperm(tensor.numel(), generator=generator).to(tensor.device)
-                tensor.copy_(tensor.flatten()[order].view_as(tensor))
-
-
-def _uniform(shape: tuple[int, ...], bound: strategies.Bounds, generator, dtype) -> Tensor:
-    low, high = strategies.bounds_of(bound)
-    return (low + (high - low) * torch.rand(shape, generator=generator, dtype=torch.float64)).to(
-        dtype
-    )
-
-
-def _first_flow_check_error(error: BaseException) -> FlowCheckError | None:
-    if isinstance(error, FlowCheckError):
-        return error
-    for inner in getattr(error, "exceptions", ()):
-        found = _first_flow_check_error(inner)
-        if found is not None:
-            return found
-    return None
-
-
 def check_flow(
     flow: nn.Module | Callable[[], nn.Module],
     *,
     event_shape: int | tuple[int, ...],
     context_shape: int | tuple[int, ...] | None = None,
-    batch_size: int = 3,
-    dtype: torch.dtype = torch.float64,
-    max_examples: int = 20,
-    seed: int = 0,
-    atol: float | None = None,
-    rtol: float | None = None,
-    perturb: bool = True,
-    perturb_scale: float = 0.05,
-    bound: strategies.Bounds = 3.0,
-    output_bound: strategies.Bounds | None = None,
-    inverse_inputs: str = "bounded",
-    skip: Collection[str] = (),
-    device: torch.device | str | None = None,
-    reproduce: bytes | str | None = None,
-    num_threads: int | None = 1,
-    finite_differences: bool = True,
+    options: CheckOptions | None = None,
+    **overrides: Any,
 ) -> FlowCheckReport:
     """Check that ``flow`` follows the flow contract; raise :class:`FlowCheckError` if not.
 
@@ -173,6 +80,11 @@ def check_flow(
     also catches state kept outside the state dict). ``event_shape`` and ``context_shape``
     exclude the batch dim; the output's shape is found by calling ``forward`` once, so it
     may differ from the input's (as long as the number of elements is the same).
+
+    Each setting named below is a field of :class:`CheckOptions`: pass one as ``options``,
+    or any setting as a keyword (keywords override ``options``; an unknown one is a
+    ``TypeError``). ``check_flow(flow, event_shape=(8,), dtype=torch.float32)`` equals
+    ``check_flow(flow, event_shape=(8,), options=CheckOptions(dtype=torch.float32))``.
 
     On ``max_examples`` hypothesis examples of ``x [B, *event_shape]``, ``y [B,
     *output_shape]`` (each element in ``bound``: ``[-3, 3]`` by default) and contexts, it
@@ -218,285 +130,308 @@ def check_flow(
     shapes and how to reproduce, also when the flow itself raises during a check.
     """
     __tracebackhide__ = True
-    plan = _Plan.validated(
-        flow,
-        event_shape=event_shape,
-        context_shape=context_shape,
-        batch_size=batch_size,
-        dtype=dtype,
-        max_examples=max_examples,
-        seed=seed,
-        atol=atol,
-        rtol=rtol,
-        perturb=perturb,
-        perturb_scale=perturb_scale,
-        bound=bound,
-        output_bound=output_bound,
-        inverse_inputs=inverse_inputs,
-        skip=skip,
-        device=device,
-        reproduce=reproduce,
-        finite_differences=finite_differences,
+    options = CheckOptions.resolve(options, overrides)
+    spec = _FlowSpec.of(flow, event_shape, context_shape)
+    started = time.perf_counter()
+    with _torch_isolated(options, _cuda_devices(spec, options)):
+        with _reported(spec.name, spec, options), _checking("setup"):
+            module = spec.build(options, seed=options.seed)
+        name = type(module).__name__
+        with _reported(name, spec, options):
+            subject, fixed = _prepare(module, spec, options)
+        with _reported(name, spec, options, subject.output_shape):
+            _check_element_count(spec.event_shape, subject.output_shape)
+            examples = _check_examples(subject, spec, options, _device(module, options))
+            _check_once(subject, spec, options, fixed)
+    return FlowCheckReport(
+        flow=name,
+        properties=tuple(p for p in PROPERTIES if p not in options.skip and p != "setup"),
+        examples=examples,
+        event_shape=spec.event_shape,
+        output_shape=subject.output_shape,
+        seconds=time.perf_counter() - started,
     )
-    threads = torch.get_num_threads()
-    try:
-        if num_threads is not None:
-            torch.set_num_threads(num_threads)
-        with torch.random.fork_rng(devices=_cuda_devices(plan)):
-            torch.manual_seed(seed)
-            return _run(plan)
-    except FlowCheckError as error:
-        raise _finalised(error, plan) from error.__cause__
-    finally:
-        torch.set_num_threads(threads)
 
 
-@dataclasses.dataclass
-class _Plan:
-    """``check_flow``'s validated arguments, and what it learns on the way (the name of
-    the flow's class, the output shape)."""
+# -- what is checked, and how it is set up ---------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _FlowSpec:
+    """The flow to check (a module, or a factory building one) and its shapes."""
 
     flow: nn.Module | Callable[[], nn.Module]
-    factory: Callable[[], nn.Module] | None
     name: str
     event_shape: tuple[int, ...]
     context_shape: tuple[int, ...] | None
-    batch_size: int
-    dtype: torch.dtype
-    max_examples: int
-    seed: int
-    atol: float
-    rtol: float
-    perturb: bool
-    perturb_scale: float
-    bound: strategies.Bounds
-    output_bound: strategies.Bounds | None
-    image: bool
-    skip: frozenset[str]
-    device: torch.device | str | None
-    reproduce: bytes | None
-    finite_differences: bool
-    output_shape: tuple[int, ...] | None = None
-    started: float = dataclasses.field(default_factory=time.perf_counter)
 
     @classmethod
-    def validated(
+    def of(
         cls,
-        flow,
-        *,
-        event_shape,
-        context_shape,
-        batch_size,
-        dtype,
-        max_examples,
-        atol,
-        rtol,
-        inverse_inputs,
-        skip,
-        bound,
-        reproduce,
-        **rest,
-    ) -> _Plan:
-        """Check the arguments (``ValueError``/``TypeError`` if invalid) and fill defaults."""
-        unknown = set(skip) - set(PROPERTIES)
-        if unknown:
-            raise ValueError(
-                f"unknown properties in skip: {sorted(unknown)}; known: {list(PROPERTIES)}"
-            )
-        if batch_size < 1 or max_examples < 1:
-            raise ValueError(
-                f"batch_size and max_examples must be >= 1, got {batch_size}, {max_examples}"
-            )
-        if inverse_inputs not in ("bounded", "image"):
-            raise ValueError(f"inverse_inputs must be 'bounded' or 'image', got {inverse_inputs!r}")
-        strategies.bounds_of(bound)
-        default_atol, default_rtol = (
-            default_tolerances(dtype) if atol is None or rtol is None else (atol, rtol)
-        )
-        factory = None if isinstance(flow, nn.Module) else flow
-        if factory is not None and not callable(factory):
+        flow: nn.Module | Callable[[], nn.Module],
+        event_shape: int | Collection[int],
+        context_shape: int | Collection[int] | None,
+    ) -> _FlowSpec:
+        """Validate ``check_flow``'s arguments (``ValueError``/``TypeError`` if invalid)."""
+        if not isinstance(flow, nn.Module) and not callable(flow):
             raise TypeError(f"flow must be an nn.Module or a factory returning one, got {flow!r}")
         name = type(flow).__name__
-        if factory is not None:
-            name = getattr(getattr(factory, "func", factory), "__name__", "the factory's flow")
+        if not isinstance(flow, nn.Module):
+            name = getattr(getattr(flow, "func", flow), "__name__", "the factory's flow")
         return cls(
             flow=flow,
-            factory=factory,
             name=name,
             event_shape=_shape(event_shape, "event_shape"),
             context_shape=None if context_shape is None else _shape(context_shape, "context_shape"),
-            batch_size=batch_size,
-            dtype=dtype,
-            max_examples=max_examples,
-            atol=default_atol if atol is None else atol,
-            rtol=default_rtol if rtol is None else rtol,
-            image=inverse_inputs == "image",
-            skip=frozenset(skip),
-            bound=bound,
-            reproduce=reproduce.encode() if isinstance(reproduce, str) else reproduce,
-            **rest,
         )
 
-    def build(self, seed: int) -> nn.Module:
+    @property
+    def is_factory(self) -> bool:
+        return not isinstance(self.flow, nn.Module)
+
+    def build(self, options: CheckOptions, seed: int) -> nn.Module:
         """A private copy of the flow (or a new one from the factory), cast to the dtype and
         device, and perturbed with noise seeded by ``seed``."""
-        if self.factory is None:
-            module = copy.deepcopy(self.flow)
-        else:
+        if self.is_factory:
             torch.manual_seed(seed)
-            module = self.factory()
+            module = self.flow()
             if not isinstance(module, nn.Module):
                 raise TypeError(
                     f"the factory must return an nn.Module, got {type(module).__name__}"
                 )
-        device = self.device if self.device is not None else _device_of(module)
-        module = module.to(device=device, dtype=self.dtype)
-        if self.perturb:
-            perturb_parameters_(module, scale=self.perturb_scale, seed=seed)
+        else:
+            module = copy.deepcopy(self.flow)
+        module = module.to(device=_device(module, options), dtype=options.dtype)
+        if options.perturb:
+            perturb_parameters_(module, scale=options.perturb_scale, seed=seed)
         return module
 
-    def hypothesis_test(self, body: Callable, phases: tuple[Phase, ...]) -> Callable[[], None]:
-        """``body`` as a seeded, derandomized hypothesis test over generated examples."""
-        examples = strategies.flow_examples(
-            self.event_shape,
-            self.event_shape if self.image else self.output_shape,
-            self.context_shape,
-            batch_size=self.batch_size,
-            dtype=self.dtype,
-            bound=self.bound,
-            output_bound=self.bound if self.image else self.output_bound,
-        )
-        test = settings(
-            max_examples=self.max_examples,
-            derandomize=True,
-            database=None,
-            deadline=None,
-            suppress_health_check=list(HealthCheck),
-            phases=phases,
-            report_multiple_bugs=False,
-            print_blob=True,
-            verbosity=Verbosity.quiet,
-        )(given(example=examples)(body))
-        test = hypothesis.seed(self.seed)(test)
-        if self.reproduce is not None:
-            test = hypothesis.reproduce_failure(hypothesis.__version__, self.reproduce)(test)
-        return test
+
+def _shape(value: int | Collection[int], name: str) -> tuple[int, ...]:
+    shape = (value,) if isinstance(value, int) else tuple(value)
+    if not all(isinstance(s, int) and s >= 1 for s in shape):
+        raise ValueError(f"{name} must be a tuple of positive ints (no batch dim), got {value!r}")
+    return shape
 
 
-def _run(plan: _Plan) -> FlowCheckReport:
-    """Build the flow, find its output shape, run the per-example properties under
-    hypothesis, then ``gradients`` and ``state_dict`` once on a fixed batch."""
-    with _checking("setup"):
-        module = plan.build(plan.seed)
-    plan.name = type(module).__name__
-    device = _device_of(module) if plan.device is None else torch.device(plan.device)
-    generator = torch.Generator().manual_seed(plan.seed)
+def _device_of(module: nn.Module) -> torch.device:
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
 
-    def fixed(shape: tuple[int, ...], bound: strategies.Bounds) -> Tensor:
-        return _uniform((plan.batch_size, *shape), bound, generator, plan.dtype).to(device)
 
-    x0 = fixed(plan.event_shape, plan.bound)
-    c0 = None if plan.context_shape is None else fixed(plan.context_shape, plan.bound)
-    probe = Subject(
-        module,
-        event_shape=plan.event_shape,
-        output_shape=(),
-        atol=plan.atol,
-        rtol=plan.rtol,
-        check_mutation="no_input_mutation" not in plan.skip,
-    )
-    with _checking("shapes"):
-        plan.output_shape = tuple(probe.call("forward", x0, c0)[0].shape[1:])
-    if math.prod(plan.output_shape) != math.prod(plan.event_shape):
+def _device(module: nn.Module, options: CheckOptions) -> torch.device:
+    """The device to check on: ``options.device``, else the module's."""
+    return _device_of(module) if options.device is None else torch.device(options.device)
+
+
+def _cuda_devices(spec: _FlowSpec, options: CheckOptions) -> list[int]:
+    """The CUDA device whose RNG to fork as well as the CPU's (the flow's, if on CUDA)."""
+    device = options.device
+    if device is None and not spec.is_factory:
+        device = _device_of(spec.flow)
+    device = torch.device("cpu" if device is None else device)
+    if device.type != "cuda":
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]
+
+
+@contextlib.contextmanager
+def _torch_isolated(options: CheckOptions, cuda_devices: list[int]) -> Iterator[None]:
+    """Fork torch's RNGs, seeded with ``seed``, and use ``num_threads`` intra-op threads;
+    restore both afterwards."""
+    threads = torch.get_num_threads()
+    try:
+        if options.num_threads is not None:
+            torch.set_num_threads(options.num_threads)
+        with torch.random.fork_rng(devices=cuda_devices):
+            torch.manual_seed(options.seed)
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def _checking(prop: str) -> Iterator[None]:
+    """Report any exception raised while checking ``prop`` as a failure of ``prop``."""
+    try:
+        yield
+    except FlowCheckError:
+        raise
+    except Exception as exc:
         raise FlowCheckError(
-            f"forward() maps {math.prod(plan.event_shape)} elements per example "
-            f"{list(plan.event_shape)} to {math.prod(plan.output_shape)} "
-            f"{list(plan.output_shape)}; an invertible map must keep the number of elements",
+            f"the flow raised {type(exc).__name__} while this property was checked: {exc}",
+            property=prop,
+        ) from exc
+
+
+class _FixedBatch(NamedTuple):
+    """A batch drawn once from ``seed``: ``gradients`` and ``state_dict`` run on it."""
+
+    x: Tensor
+    y: Tensor
+    context: Tensor | None
+
+
+def _subject(
+    module: nn.Module, spec: _FlowSpec, options: CheckOptions, output_shape: tuple[int, ...]
+) -> Subject:
+    atol, rtol = options.tolerances
+    return Subject(
+        module,
+        event_shape=spec.event_shape,
+        output_shape=output_shape,
+        atol=atol,
+        rtol=rtol,
+        check_mutation="no_input_mutation" not in options.skip,
+    )
+
+
+def _uniform(shape: tuple[int, ...], bound: strategies.Bounds, generator, dtype) -> Tensor:
+    low, high = strategies.bounds_of(bound)
+    return (low + (high - low) * torch.rand(shape, generator=generator, dtype=torch.float64)).to(
+        dtype
+    )
+
+
+def _prepare(
+    module: nn.Module, spec: _FlowSpec, options: CheckOptions
+) -> tuple[Subject, _FixedBatch]:
+    """Find the output shape by calling ``forward`` on the fixed batch; return the subject
+    and the fixed batch (its ``y`` bounded, or the image of another drawn ``x``)."""
+    generator = torch.Generator().manual_seed(options.seed)
+    device = _device(module, options)
+
+    def draw(shape: tuple[int, ...], bound: strategies.Bounds) -> Tensor:
+        return _uniform((options.batch_size, *shape), bound, generator, options.dtype).to(device)
+
+    x = draw(spec.event_shape, options.bound)
+    context = None if spec.context_shape is None else draw(spec.context_shape, options.bound)
+    with _checking("shapes"):
+        out = _subject(module, spec, options, ()).call("forward", x, context)[0]
+    subject = _subject(module, spec, options, tuple(out.shape[1:]))
+    if not options.image:
+        return subject, _FixedBatch(x, draw(subject.output_shape, options.output_bounds), context)
+    with _checking("shapes"):
+        y = subject.call("forward", draw(spec.event_shape, options.bound), context)[0].detach()
+    return subject, _FixedBatch(x, y, context)
+
+
+def _check_element_count(event_shape: tuple[int, ...], output_shape: tuple[int, ...]) -> None:
+    if math.prod(output_shape) != math.prod(event_shape):
+        raise FlowCheckError(
+            f"forward() maps {math.prod(event_shape)} elements per example "
+            f"{list(event_shape)} to {math.prod(output_shape)} "
+            f"{list(output_shape)}; an invertible map must keep the number of elements",
             property="shapes",
         )
-    subject = Subject(
-        module,
-        event_shape=plan.event_shape,
-        output_shape=plan.output_shape,
-        atol=plan.atol,
-        rtol=plan.rtol,
-        check_mutation="no_input_mutation" not in plan.skip,
+
+
+# -- the per-example properties, under hypothesis ------------------------------------------
+
+
+def _check_examples(
+    subject: Subject, spec: _FlowSpec, options: CheckOptions, device: torch.device
+) -> int:
+    """Run the per-example properties on hypothesis's examples; return how many ran.
+
+    A first pass runs every example and notes the first failure of each property; a second
+    replays the same examples raising only the earliest failing property in the documented
+    order, so that hypothesis shrinks an example of that property (and gives its blob)
+    rather than one of whichever property an early example happened to break. A
+    ``reproduce`` blob's example runs once and raises whatever fails.
+    """
+    run = partial(
+        _run_examples, strategy=_example_strategy(spec, options, subject), options=options
+    )
+    check = partial(_check_example, subject, skip=options.skip, image=options.image, device=device)
+    if options.reproduce is not None:
+        return run(check, _GENERATE_AND_SHRINK)
+    ran, failures = _survey(run, check)
+    if failures:
+        _shrink_earliest(run, check, failures)
+    return ran
+
+
+def _example_strategy(
+    spec: _FlowSpec, options: CheckOptions, subject: Subject
+) -> SearchStrategy[FlowExample]:
+    return strategies.flow_examples(
+        spec.event_shape,
+        spec.event_shape if options.image else subject.output_shape,
+        spec.context_shape,
+        batch_size=options.batch_size,
+        dtype=options.dtype,
+        bound=options.bound,
+        output_bound=options.bound if options.image else options.output_bound,
     )
 
-    # Pass 1 runs every example and records which properties fail; pass 2 replays the same
-    # examples raising only for the earliest failing property in the documented order, so
-    # that hypothesis shrinks an example of that property (and gives its blob) rather than
-    # one of whichever property an early example happened to break. A replayed blob
-    # (``reproduce``) runs once and raises whatever fails.
-    failures: dict[str, FlowCheckError] = {}
-    state: dict = {"target": "any" if plan.reproduce is not None else None, "ran": 0}
 
-    def body(example: strategies.FlowExample) -> None:
-        if state["target"] in (None, "any"):
-            state["ran"] += 1
+def _survey(
+    run: Callable[..., int], check: Callable[[FlowExample], None]
+) -> tuple[int, dict[str, FlowCheckError]]:
+    """Run ``check`` on every example without stopping; return how many ran and the first
+    failure of each property."""
+    failures: dict[str, FlowCheckError] = {}
+
+    def record(example: FlowExample) -> None:
         try:
-            _check_example(subject, example, plan.skip, plan.image, device)
+            check(example)
         except FlowCheckError as error:
-            if state["target"] is None:
-                failures.setdefault(error.property, error)
-            elif state["target"] in ("any", error.property):
+            failures.setdefault(error.property, error)
+
+    ran = run(record, _GENERATE)
+    return ran, failures
+
+
+def _shrink_earliest(
+    run: Callable[..., int],
+    check: Callable[[FlowExample], None],
+    failures: dict[str, FlowCheckError],
+) -> NoReturn:
+    """Replay the examples raising only the earliest failing property's failures, shrunk;
+    if none reappears, raise its first failure as flaky."""
+    earliest = min(failures, key=list(PROPERTIES).index)
+
+    def only_earliest(example: FlowExample) -> None:
+        try:
+            check(example)
+        except FlowCheckError as error:
+            if error.property == earliest:
                 raise
 
-    shrinking = (Phase.explicit, Phase.generate, Phase.shrink)
-    first = shrinking if plan.reproduce is not None else (Phase.explicit, Phase.generate)
-    _run_hypothesis(lambda: plan.hypothesis_test(body, first), plan.reproduce is not None)
-    if failures:
-        state["target"] = min(failures, key=list(PROPERTIES).index)
-        _run_hypothesis(lambda: plan.hypothesis_test(body, shrinking), replaying=False)
-        error = failures[state["target"]]
-        error.args = (
-            f"{error.args[0]}\n  (flaky: this failure did not reappear when the same "
-            "examples were replayed: the flow depends on hidden state or randomness)",
-        )
-        raise error
-
-    y0 = fixed(plan.output_shape, plan.bound if plan.output_bound is None else plan.output_bound)
-    if plan.image:
-        with _checking("shapes"):
-            y0 = subject.call("forward", fixed(plan.event_shape, plan.bound), c0)[0].detach()
-    if "gradients" not in plan.skip:
-        with _checking("gradients"):
-            check_gradients(
-                subject,
-                x0,
-                y0,
-                c0,
-                seed=plan.seed,
-                finite_differences=plan.finite_differences and plan.dtype == torch.float64,
-            )
-    if "state_dict" not in plan.skip:
-        with _checking("state_dict"):
-            if plan.factory is not None:
-                fresh = plan.build(plan.seed + 1)
-            else:
-                fresh = copy.deepcopy(module)
-                _scramble_state_(fresh, plan.seed + 1)
-            check_state_dict(subject, fresh, x0, y0, c0)
-    return FlowCheckReport(
-        flow=plan.name,
-        properties=tuple(p for p in PROPERTIES if p not in plan.skip and p != "setup"),
-        examples=state["ran"],
-        event_shape=plan.event_shape,
-        output_shape=plan.output_shape,
-        seconds=time.perf_counter() - plan.started,
+    run(only_earliest, _GENERATE_AND_SHRINK)
+    raise _flaky(
+        failures[earliest],
+        "this failure did not reappear when the same examples were replayed: the flow "
+        "depends on hidden state or randomness",
     )
 
 
-def _run_hypothesis(build: Callable[[], Callable[[], None]], replaying: bool) -> None:
-    """Build and run a hypothesis test; let only :class:`FlowCheckError` out."""
+def _run_examples(
+    body: Callable[[FlowExample], None],
+    phases: tuple[Phase, ...],
+    *,
+    strategy: SearchStrategy[FlowExample],
+    options: CheckOptions,
+) -> int:
+    """Run ``body`` as a seeded, derandomized hypothesis test in ``phases`` (on the
+    ``reproduce`` blob's example only, if one is given); return how many examples it ran
+    on. Only :class:`FlowCheckError` gets out."""
+    ran = 0
+
+    def counted(example: FlowExample) -> None:
+        nonlocal ran
+        ran += 1
+        body(example)
+
     try:
-        build()()
+        _hypothesis_test(counted, phases, strategy, options)()
     except FlowCheckError as error:
         error.blob = _blob_of(error)
         raise
     except DidNotReproduce:
-        if not replaying:
-            raise
+        pass  # the blob's example passes now: nothing to report
     except Flaky as error:
         found = _first_flow_check_error(error)
         detail = (
@@ -505,26 +440,70 @@ def _run_hypothesis(build: Callable[[], Callable[[], None]], replaying: bool) ->
         )
         if found is None:
             raise FlowCheckError(f"{detail} ({error})", property="determinism") from error
-        found.args = (f"{found.args[0]}\n  (flaky: {detail})",)
+        found = _flaky(found, detail)
         found.blob = _blob_of(found)
         raise found from found.__cause__
     except HypothesisException as error:
-        hint = ""
-        if isinstance(error, FailedHealthCheck) and "nested_given" in str(error):
-            hint = (
-                "; check_flow was called inside a hypothesis test: add "
-                "@settings(suppress_health_check=[HealthCheck.nested_given]) to that test"
-            )
-        raise FlowCheckError(
-            f"hypothesis could not run the checks: {type(error).__name__}: {error}{hint}",
-            property="setup",
-        ) from error
+        raise _hypothesis_failed(error) from error
     except Exception as error:  # an exception group, should hypothesis report several bugs
         found = _first_flow_check_error(error)
         if found is None:
             raise
         found.blob = _blob_of(found)
         raise found from found.__cause__
+    return ran
+
+
+def _hypothesis_test(
+    body: Callable[[FlowExample], None],
+    phases: tuple[Phase, ...],
+    strategy: SearchStrategy[FlowExample],
+    options: CheckOptions,
+) -> Callable[[], None]:
+    test = settings(
+        max_examples=options.max_examples,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        phases=phases,
+        report_multiple_bugs=False,
+        print_blob=True,
+        verbosity=Verbosity.quiet,
+    )(given(example=strategy)(body))
+    test = hypothesis.seed(options.seed)(test)
+    if options.reproduce is not None:
+        test = hypothesis.reproduce_failure(hypothesis.__version__, options.reproduce)(test)
+    return test
+
+
+def _flaky(error: FlowCheckError, detail: str) -> FlowCheckError:
+    """``error`` with ``detail`` (why it is flaky) added to its message."""
+    error.args = (f"{error.args[0]}\n  (flaky: {detail})",)
+    return error
+
+
+def _hypothesis_failed(error: HypothesisException) -> FlowCheckError:
+    hint = ""
+    if isinstance(error, FailedHealthCheck) and "nested_given" in str(error):
+        hint = (
+            "; check_flow was called inside a hypothesis test: add "
+            "@settings(suppress_health_check=[HealthCheck.nested_given]) to that test"
+        )
+    return FlowCheckError(
+        f"hypothesis could not run the checks: {type(error).__name__}: {error}{hint}",
+        property="setup",
+    )
+
+
+def _first_flow_check_error(error: BaseException) -> FlowCheckError | None:
+    if isinstance(error, FlowCheckError):
+        return error
+    for inner in getattr(error, "exceptions", ()):
+        found = _first_flow_check_error(inner)
+        if found is not None:
+            return found
+    return None
 
 
 def _blob_of(error: BaseException) -> bytes | None:
@@ -537,7 +516,8 @@ def _blob_of(error: BaseException) -> bytes | None:
 
 def _check_example(
     subject: Subject,
-    example: strategies.FlowExample,
+    example: FlowExample,
+    *,
     skip: Collection[str],
     image: bool,
     device: torch.device,
@@ -549,11 +529,9 @@ def _check_example(
         out, logdet = subject.call("forward", x, context)
         if "shapes" not in skip:
             check_shapes(subject, "forward", x, out, logdet)
-        y = (
-            subject.call("forward", example.y.to(device), context)[0].detach()
-            if image
-            else (example.y.to(device))
-        )
+        y = example.y.to(device)
+        if image:
+            y = subject.call("forward", y, context)[0].detach()
         x_of_y, logdet_y = subject.call("inverse", y, context)
         if "shapes" not in skip:
             check_shapes(subject, "inverse", y, x_of_y, logdet_y)
@@ -590,23 +568,90 @@ def _check_example(
         check_logdet_consistency(subject, "inverse", logdet_y, back["y"][1])
 
 
-def _finalised(error: FlowCheckError, plan: _Plan) -> FlowCheckError:
-    """The error with the flow, the property, the shapes and how to reproduce spelled out."""
-    prop, batch = error.property, plan.batch_size
-    output = "(not known yet)" if plan.output_shape is None else [batch, *plan.output_shape]
-    context = "None" if plan.context_shape is None else [batch, *plan.context_shape]
+# -- once per check: gradients and the state dict ------------------------------------------
+
+
+def _check_once(
+    subject: Subject, spec: _FlowSpec, options: CheckOptions, fixed: _FixedBatch
+) -> None:
+    """``gradients`` and ``state_dict``, each once, on the fixed batch."""
+    if "gradients" not in options.skip:
+        with _checking("gradients"):
+            check_gradients(
+                subject,
+                *fixed,
+                seed=options.seed,
+                finite_differences=options.finite_differences and options.dtype == torch.float64,
+            )
+    if "state_dict" not in options.skip:
+        with _checking("state_dict"):
+            check_state_dict(subject, _fresh(subject.module, spec, options), *fixed)
+
+
+def _fresh(module: nn.Module, spec: _FlowSpec, options: CheckOptions) -> nn.Module:
+    """A module to load the state dict into: a new one from the factory, else a copy whose
+    state is scrambled."""
+    if spec.is_factory:
+        return spec.build(options, seed=options.seed + 1)
+    fresh = copy.deepcopy(module)
+    _scramble_state_(fresh, options.seed + 1)
+    return fresh
+
+
+def _scramble_state_(module: nn.Module, seed: int) -> None:
+    """Overwrite every state-dict entry: floats get N(0, 1) noise added, integer and bool
+    tensors have their elements permuted (loading the state dict must undo all of it)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in module.state_dict(keep_vars=True).values():
+            if tensor.is_floating_point():
+                noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float64)
+                tensor.add_(noise.to(tensor.device, tensor.dtype))
+            elif tensor.numel() > 1:
+                order = torch.randperm(tensor.numel(), generator=generator).to(tensor.device)
+                tensor.copy_(tensor.flatten()[order].view_as(tensor))
+
+
+# -- the failure report ----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _reported(
+    name: str,
+    spec: _FlowSpec,
+    options: CheckOptions,
+    output_shape: tuple[int, ...] | None = None,
+) -> Iterator[None]:
+    """Re-raise a :class:`FlowCheckError` with the flow, the property, the shapes and how
+    to reproduce spelled out."""
+    try:
+        yield
+    except FlowCheckError as error:
+        raise _finalised(error, name, spec, options, output_shape) from error.__cause__
+
+
+def _finalised(
+    error: FlowCheckError,
+    name: str,
+    spec: _FlowSpec,
+    options: CheckOptions,
+    output_shape: tuple[int, ...] | None,
+) -> FlowCheckError:
+    prop, batch = error.property, options.batch_size
+    output = "(not known yet)" if output_shape is None else [batch, *output_shape]
+    context = "None" if spec.context_shape is None else [batch, *spec.context_shape]
     shapes = (
-        f"x {[batch, *plan.event_shape]} -> y {output}, log-det [{batch}], context {context}; "
-        f"dtype {plan.dtype}"
+        f"x {[batch, *spec.event_shape]} -> y {output}, log-det [{batch}], context {context}; "
+        f"dtype {options.dtype}"
     )
     if prop == "shapes":  # what the flow returned is in the detail; these are the contract's
         shapes = (
-            f"expected x {[batch, *plan.event_shape]} -> y {output}, log-det [B]=[{batch}], "
-            f"context {context}; dtype {plan.dtype}"
+            f"expected x {[batch, *spec.event_shape]} -> y {output}, log-det [B]=[{batch}], "
+            f"context {context}; dtype {options.dtype}"
         )
     parameters = (
-        f"perturbed by N(0, {plan.perturb_scale}^2) noise, seed {plan.seed}"
-        if plan.perturb
+        f"perturbed by N(0, {options.perturb_scale}^2) noise, seed {options.seed}"
+        if options.perturb
         else "as given (perturb=False)"
     )
     reproduce = (
@@ -619,7 +664,7 @@ def _finalised(error: FlowCheckError, plan: _Plan) -> FlowCheckError:
             f"{hypothesis.__version__} @reproduce_failure blob)"
         )
     message = (
-        f"{plan.name} fails property {prop!r} of the flow contract: {PROPERTIES[prop]}\n"
+        f"{name} fails property {prop!r} of the flow contract: {PROPERTIES[prop]}\n"
         f"  {error.args[0]}\n  shapes: {shapes}\n  parameters: {parameters}\n"
         f"  to reproduce: {reproduce}"
     )
