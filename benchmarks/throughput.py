@@ -169,7 +169,7 @@ def setup(
 def training_step(jet, optimizer, images, forward=None, autocast=None):
     """One step as :class:`jetblocks.train.Trainer` takes it: bits/dim, backward, clipping at
     1.0, the optimizer, ``zero_grad(set_to_none=True)``; ``forward`` defaults to ``jet``."""
-    forward = forward or jet
+    forward = jet if forward is None else forward
     autocast = autocast or contextlib.nullcontext()
 
     def train():

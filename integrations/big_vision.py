@@ -40,13 +40,17 @@ big_vision (stacked, leading ``depth``)                      jetblocks (layer ``
 A ``Dense`` kernel ``[in, out]`` is the transposed ``Linear`` weight; attention
 ``query/key/value`` kernels ``[in, H, d]`` and biases ``[H, d]`` are the weight ``[H*d, in]``
 and bias split by head; the ``out`` kernel ``[H, d, E]`` is the weight ``[E, H*d]``; a
-LayerNorm ``scale`` is its ``weight``. The frozen masks are 0/1 matrices with
-``W[perm[j], j] = 1`` (channel layers) and ``W[order[j], j] = 1`` (spatial layers, ``order``
-the conditioning tokens then the transformed ones); a layer of the other kind holds an
-all-zero placeholder. Masks that are not permutation matrices are refused, and so are
-missing or unexpected names and wrong shapes. Every other leaf must be a floating-point
-array of finite values. A file that is not a readable ``.npz``, or a parameter that is not
-finite floats, raises :class:`~jetblocks.checkpoint.CheckpointError` (a ``ValueError``).
+LayerNorm ``scale`` is its ``weight``. jetblocks fuses projections
+(:data:`~jetblocks.vit.FUSED_PROJECTIONS`): the table's ``attention.{query,key,value}`` are
+the thirds of ``attention.qkv`` and ``cross_attention.{key,value}`` the halves of
+``cross_attention.kv``, split on export and concatenated on import. The frozen masks are
+0/1 matrices with ``W[perm[j], j] = 1`` (channel layers) and ``W[order[j], j] = 1``
+(spatial layers, ``order`` the conditioning tokens then the transformed ones); a layer of
+the other kind holds an all-zero placeholder. Masks that are not permutation matrices are
+refused, and so are missing or unexpected names and wrong shapes. Every other leaf must be
+a floating-point array of finite values. A file that is not a readable ``.npz``, or a
+parameter that is not finite floats, raises :class:`~jetblocks.checkpoint.CheckpointError`
+(a ``ValueError``).
 
 **Configs.** The file holds no config, but almost all of it follows from the arrays: depth,
 ViT depth, width, heads, context width, the token count ``N`` (a square grid, as the
@@ -77,6 +81,7 @@ from torch import Tensor
 from jetblocks.checkpoint import CheckpointError
 from jetblocks.couplings import SPATIAL_PATTERNS, ChannelSplit, spatial_halves
 from jetblocks.jet import Jet, JetConfig
+from jetblocks.vit import fuse_projections, unfuse_projections
 
 CHANNEL_MASKS = "channel_coupling_masks-FREEZE_ME"
 SPATIAL_MASKS = "spatial_coupling_masks-FREEZE_ME"
@@ -123,8 +128,10 @@ def _norm_leaves(bv: str, pt: str) -> Iterator[tuple[str, str, str]]:
 def name_mapping(config: JetConfig) -> list[tuple[str, str, str]]:
     """``(big_vision name, conditioner parameter name, conversion)`` for every stacked leaf.
 
-    The conditioner names are relative to ``couplings.flows.{i}.conditioner``; conversions
-    are ``dense``, ``qkv_kernel``, ``qkv_bias``, ``out_kernel`` or ``same``.
+    The conditioner names are relative to ``couplings.flows.{i}.conditioner``, with the
+    attention projections by the reference's names (see
+    :func:`~jetblocks.vit.unfuse_projections`); conversions are ``dense``, ``qkv_kernel``,
+    ``qkv_bias``, ``out_kernel`` or ``same``.
     """
     leaves = [*_dense_leaves(f"{_DNN}/init_proj", "init_proj")]
     leaves.append((f"{_DNN}/posemb", "posemb", "same"))
@@ -146,7 +153,7 @@ def name_mapping(config: JetConfig) -> list[tuple[str, str, str]]:
 def jet_to_arrays(jet: Jet) -> dict[str, np.ndarray]:
     """A Jet's parameters as big_vision's flat ``{name: float32 array}`` (names as above)."""
     config, layers = jet.config, list(jet.couplings)
-    params = {name: t.detach() for name, t in jet.named_parameters()}
+    params = unfuse_projections({name: t.detach() for name, t in jet.named_parameters()})
     arrays = {}
     for bv, pt, kind in name_mapping(config):
         to_flax = _CONVERSIONS[kind][0]
@@ -456,7 +463,7 @@ def jet_from_arrays(
     for bv, pt, kind in name_mapping(config):
         for i, leaf in enumerate(_parameter(arrays[bv], bv)):
             state[f"couplings.flows.{i}.conditioner.{pt}"] = _CONVERSIONS[kind][1](leaf)
-    jet.load_state_dict(state, strict=True)
+    jet.load_state_dict(fuse_projections(state, dict(jet.named_parameters())), strict=True)
     return jet
 
 
@@ -466,7 +473,7 @@ def _check_names_and_shapes(arrays: Mapping[str, Any], jet: Jet) -> None:
         CHANNEL_MASKS: (cfg.depth, dim, dim),
         SPATIAL_MASKS: (cfg.depth, tokens, tokens),
     }
-    params = dict(jet.couplings[0].conditioner.named_parameters())
+    params = unfuse_projections(dict(jet.couplings[0].conditioner.named_parameters()))
     for bv, pt, kind in name_mapping(cfg):
         leaf = _CONVERSIONS[kind][0](params[pt].detach().to("meta"), cfg.num_heads)
         expected[bv] = (cfg.depth, *leaf.shape)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from jetblocks.flow import Flow, logdet_dtype, zero_logdet
+from jetblocks.flow import Flow, Rebuilt, logdet_dtype, zero_logdet
 
 SPATIAL_PATTERNS = (
     "checkerboard",
@@ -124,6 +124,11 @@ class SpatialSplit(Flow):
         return f"grid={self.grid}, dim={self.dim}, pattern={self.pattern!r}"
 
 
+def _affine(half: Tensor, bias: Tensor, scale: Tensor, inverse: bool) -> Tensor:
+    """The coupling's map of the transformed half: ``(x2 + bias) * s``, or ``y2 / s - bias``."""
+    return half / scale - bias if inverse else (half + bias) * scale
+
+
 class AffineCoupling(Flow):
     """Jet's affine coupling with bounded scale and the bias added before scaling.
 
@@ -167,17 +172,39 @@ class AffineCoupling(Flow):
             logdet = (log_sigmoid + math.log(self.scale_factor)).flatten(1).sum(1)
         return bias, scale, logdet
 
-    def _halves_and_params(self, x: Tensor, context: Tensor | None):
-        x1, x2 = self.split(x)[0].chunk(2, dim=-1)
-        island = logdet_dtype(x)
-        return x1, x2.to(island), *self.affine_params(x1, context, island)
-
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        x1, x2, bias, scale, logdet = self._halves_and_params(x, context)
-        y2 = ((x2 + bias) * scale).to(x.dtype)
-        return self.split.inverse(torch.cat([x1, y2], dim=-1))[0], logdet
+        return self._couple(x, context, inverse=False)
 
     def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        y1, y2, bias, scale, logdet = self._halves_and_params(y, context)
-        x2 = (y2 / scale - bias).to(y.dtype)
-        return self.split.inverse(torch.cat([y1, x2], dim=-1))[0], -logdet
+        return self._couple(y, context, inverse=True)
+
+    def _couple(self, x: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
+        x1, x2 = self.split(x)[0].chunk(2, dim=-1)
+        island = logdet_dtype(x)
+        bias, scale, logdet = self.affine_params(x1, context, island)
+        y2 = _affine(x2.to(island), bias, scale, inverse).to(x.dtype)
+        return self._join(x1, y2), -logdet if inverse else logdet
+
+    def _join(self, x1: Tensor, x2: Tensor) -> Tensor:
+        """The tensor whose split is ``[x1 | x2]``."""
+        return self.split.inverse(torch.cat([x1, x2], dim=-1))[0]
+
+    def rebuild_input(
+        self, y: Tensor, context: Tensor | None = None, inverse: bool = False
+    ) -> Rebuilt:
+        """One conditioner pass on the untouched half ``x1 = y1`` gives the other half of
+        the input, ``x2 = y2 / s - bias`` (without autograd), and the graph of
+        ``y2 = (x2 + bias) * s`` (the other way round with ``inverse``); the input's parts
+        are ``x1, x2``. A split other than :class:`ChannelSplit` and :class:`SpatialSplit`,
+        the permutations that ``join`` needs, takes the generic :meth:`Flow.rebuild_input`.
+        """
+        if not isinstance(self.split, (ChannelSplit, SpatialSplit)):
+            return super().rebuild_input(y, context, inverse)
+        kept, moved = self.split(y)[0].chunk(2, dim=-1)
+        island = logdet_dtype(y)
+        x1 = kept.detach().requires_grad_()
+        bias, scale, logdet = self.affine_params(x1, context, island)
+        with torch.no_grad():
+            x2 = _affine(moved.to(island), bias, scale, not inverse).to(y.dtype)
+        y2 = _affine(x2.requires_grad_().to(island), bias, scale, inverse).to(y.dtype)
+        return Rebuilt((x1, x2), self._join, self._join(x1, y2), -logdet if inverse else logdet)

@@ -13,11 +13,14 @@ the sum over every non-batch element, shape ``[B]``, float32 (float64 for float6
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
+
+from jetblocks.memory import invertible_backprop
 
 
 def logdet_dtype(x: Tensor) -> torch.dtype:
@@ -30,11 +33,31 @@ def zero_logdet(x: Tensor) -> Tensor:
     return x.new_zeros(x.shape[0], dtype=logdet_dtype(x))
 
 
+class Rebuilt(NamedTuple):
+    """A flow re-run with autograd on its input rebuilt from its output
+    (:meth:`Flow.rebuild_input`).
+
+    The input is ``join(*parts)``, ``parts`` being fresh leaves that require grad, and
+    ``output, logdet`` the flow's map of it, computed from ``parts``. ``join`` only moves
+    elements (a permutation), so it also maps the parts' gradients to the input's.
+    """
+
+    parts: tuple[Tensor, ...]
+    join: Callable[..., Tensor]
+    output: Tensor
+    logdet: Tensor
+
+
+def _itself(x: Tensor) -> Tensor:
+    return x
+
+
 class Flow(nn.Module, abc.ABC):
     """Base class of an invertible map with per-example log-determinants.
 
     Subclasses implement :meth:`forward` and :meth:`inverse`; both take an optional
-    ``context`` that conditions the map (it is not transformed).
+    ``context`` that conditions the map (it is not transformed). A subclass may override
+    :meth:`rebuild_input` when it can rebuild its input more cheaply than by inverting.
     """
 
     @abc.abstractmethod
@@ -44,6 +67,24 @@ class Flow(nn.Module, abc.ABC):
     @abc.abstractmethod
     def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Map ``y`` back to ``x``; return ``(x, logdet)`` of the inverse map."""
+
+    def rebuild_input(
+        self, y: Tensor, context: Tensor | None = None, inverse: bool = False
+    ) -> Rebuilt:
+        """Rebuild the input ``x`` from the output ``y = forward(x)[0]`` (``inverse(x)[0]``
+        with ``inverse``) and re-run that map on it with autograd, for one vector-Jacobian
+        product of memory-saving backprop (:mod:`jetblocks.memory`).
+
+        Called with grad enabled (``y`` needs none); returns :class:`Rebuilt` whose ``output``
+        and ``logdet`` equal the map's at ``x`` up to rounding, on the autograd graph of the
+        ``parts``, the parameters and ``context``. The default takes ``x = f^-1(y)`` without
+        autograd, then ``f(x)`` with it (one pass more than the map itself).
+        """
+        apply, undo = (self.inverse, self) if inverse else (self, self.inverse)
+        with torch.no_grad():
+            x = undo(y, context)[0]
+        x = x.detach().requires_grad_()
+        return Rebuilt((x,), _itself, *apply(x, context))
 
 
 BACKPROP_MODES = ("standard", "checkpoint", "invertible")
@@ -68,58 +109,42 @@ class FlowSequence(Flow):
       (``torch.utils.checkpoint``), as the reference does per coupling; every flow's input
       is still stored;
     - ``"invertible"``: only the final output is stored; the backward pass rebuilds each
-      flow's input from its output with the exact inverse (:mod:`jetblocks.memory`), so
-      activation memory does not grow with the number of flows.
+      flow's input from its output (:meth:`Flow.rebuild_input`, :mod:`jetblocks.memory`),
+      so activation memory does not grow with the number of flows.
 
-    ``checkpoint=True`` is short for ``backprop="checkpoint"``. Without gradients
-    (``torch.no_grad()``) every mode is the plain loop.
+    Without gradients (``torch.no_grad()``) every mode is the plain loop.
     """
 
-    def __init__(
-        self, flows: Iterable[Flow], checkpoint: bool = False, backprop: str = "standard"
-    ) -> None:
+    def __init__(self, flows: Iterable[Flow], backprop: str = "standard") -> None:
         super().__init__()
         self.flows = nn.ModuleList(flows)
-        if checkpoint and backprop not in ("standard", "checkpoint"):
-            raise ValueError(f"checkpoint=True contradicts backprop={backprop!r}")
-        self.backprop = check_backprop("checkpoint" if checkpoint else backprop)
-
-    @property
-    def checkpoint(self) -> bool:
-        """Whether ``backprop == "checkpoint"`` (setting it switches to or from it)."""
-        return self.backprop == "checkpoint"
-
-    @checkpoint.setter
-    def checkpoint(self, value: bool) -> None:
-        self.backprop = "checkpoint" if value else "standard"
-
-    def _run(self, step, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
-        if self.backprop == "checkpoint" and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(step, x, context, use_reentrant=False)
-        return step(x, context)
-
-    def _invertible(self, x: Tensor, context: Tensor | None, inverse: bool):
-        from jetblocks.memory import invertible_backprop  # memory builds on this module
-
-        return invertible_backprop(self.flows, x, context, inverse=inverse)
+        self.backprop = check_backprop(backprop)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        if self.backprop == "invertible" and torch.is_grad_enabled():
-            return self._invertible(x, context, inverse=False)
-        logdet = zero_logdet(x)
-        for flow in self.flows:
-            x, step_logdet = self._run(flow, x, context)
-            logdet = logdet + step_logdet
-        return x, logdet
+        return self._compose(x, context, inverse=False)
 
     def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        if self.backprop == "invertible" and torch.is_grad_enabled():
-            return self._invertible(y, context, inverse=True)
-        logdet = zero_logdet(y)
-        for flow in reversed(self.flows):
-            y, step_logdet = self._run(flow.inverse, y, context)
+        return self._compose(y, context, inverse=True)
+
+    def _compose(self, x: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
+        if self.backprop == "invertible":
+            return invertible_backprop(self._chain, self.flows, x, context, inverse=inverse)
+        return self._chain(x, context, inverse)
+
+    def _chain(self, x: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
+        """The plain loop: the flows in order, or their inverses in reverse order."""
+        checkpoint = self.backprop == "checkpoint" and torch.is_grad_enabled()
+        logdet = zero_logdet(x)
+        for flow in reversed(self.flows) if inverse else self.flows:
+            step = flow.inverse if inverse else flow
+            if checkpoint:
+                x, step_logdet = torch.utils.checkpoint.checkpoint(
+                    step, x, context, use_reentrant=False
+                )
+            else:
+                x, step_logdet = step(x, context)
             logdet = logdet + step_logdet
-        return y, logdet
+        return x, logdet
 
     def __len__(self) -> int:
         return len(self.flows)

@@ -5,7 +5,8 @@ embedding ``[1, N, E]`` (+ an optional zero-initialised cross-attention to a con
 ``[B, M, C_ctx]``) + ``depth`` pre-LN encoder blocks (``x += MHA(LN(x)); x += MLP(LN(x))``)
 + a final LayerNorm + a zero-initialised ``Linear(E -> d_out)``. Initialisers follow the
 reference (Flax): ``Dense`` kernels are LeCun-normal (truncated), attention and MLP kernels
-Xavier-uniform, MLP biases ``N(0, 1e-6)``, other biases zero, LayerNorm eps ``1e-6``.
+Xavier-uniform (each of the fused query, key and value kernels on its own), MLP biases
+``N(0, 1e-6)``, other biases zero, LayerNorm eps ``1e-6``.
 
 Attention runs on one of :data:`ATTENTION_BACKENDS` (the same function, up to rounding):
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from collections.abc import Iterable, Mapping
 
 import einops
 import torch
@@ -91,12 +93,52 @@ def dense(d_in: int, d_out: int) -> nn.Linear:
     return layer
 
 
-class Attention(nn.Module):
-    """Multi-head dot-product attention with biased q/k/v/out projections.
+# Attention's fused projections and the reference's projections stacked in them, in order:
+# the fused weight is the parts' weights ``[E, in]`` stacked by rows, and likewise the bias.
+FUSED_PROJECTIONS = {"qkv": ("query", "key", "value"), "kv": ("key", "value")}
 
-    Queries come from ``x`` ``[B, N, E]``; keys and values from ``source`` (``x`` itself for
-    self-attention, a context ``[B, M, source_dim]`` for cross-attention). ``backend`` is
-    one of :data:`ATTENTION_BACKENDS` (see the module docstring).
+
+def _fused_name(name: str) -> tuple[str, tuple[str, ...], str]:
+    """``(parent module, the projections fused in the module, leaf)`` of a parameter name."""
+    module, _, leaf = name.rpartition(".")
+    parent, _, layer = module.rpartition(".")
+    return parent, FUSED_PROJECTIONS.get(layer, ()), leaf
+
+
+def unfuse_projections(params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Named parameters with every fused projection split into the reference's projections
+    (``....attention.qkv.weight`` into ``....attention.{query,key,value}.weight``, as views)."""
+    split = {}
+    for name, tensor in params.items():
+        parent, parts, leaf = _fused_name(name)
+        if parts:
+            for part, chunk in zip(parts, tensor.chunk(len(parts)), strict=True):
+                split[f"{parent}.{part}.{leaf}"] = chunk
+        else:
+            split[name] = tensor
+    return split
+
+
+def fuse_projections(state: Mapping[str, Tensor], names: Iterable[str]) -> dict[str, Tensor]:
+    """The inverse of :func:`unfuse_projections`: ``state`` with the reference's projections
+    concatenated into each fused parameter among ``names`` (a model's parameter names)."""
+    state = dict(state)
+    for name in names:
+        parent, parts, leaf = _fused_name(name)
+        if parts:
+            state[name] = torch.cat([state.pop(f"{parent}.{part}.{leaf}") for part in parts])
+    return state
+
+
+class Attention(nn.Module):
+    """Multi-head dot-product attention with biased query/key/value/out projections.
+
+    Self-attention (``source_dim=None``) projects ``x`` ``[B, N, E]`` once, by ``qkv``
+    (``Linear(E, 3E)``: the query, key and value projections stacked, see
+    :data:`FUSED_PROJECTIONS`). Cross-attention takes queries from ``x`` (``query``) and keys
+    and values from ``forward``'s ``source`` ``[B, M, source_dim]`` (``kv``,
+    ``Linear(source_dim, 2E)``). ``backend`` is one of :data:`ATTENTION_BACKENDS` (see the
+    module docstring).
     """
 
     def __init__(
@@ -109,7 +151,6 @@ class Attention(nn.Module):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"emb_dim {dim} must be divisible by num_heads {num_heads}")
-        source_dim = dim if source_dim is None else source_dim
         self.num_heads, self.backend = num_heads, check_attention_backend(backend)
         self._xformers = backend in ("xformers", "auto") and xformers_available()
         if backend == "xformers" and not self._xformers:
@@ -117,25 +158,34 @@ class Attention(nn.Module):
                 "attention_backend='xformers' needs the xformers package (GPU only): "
                 "`pip install jetblocks[gpu]`, or use attention_backend='sdpa' or 'auto'"
             )
-        self.query = nn.Linear(dim, dim)
-        self.key = nn.Linear(source_dim, dim)
-        self.value = nn.Linear(source_dim, dim)
+        self.cross = source_dim is not None
+        if self.cross:
+            self.query = nn.Linear(dim, dim)
+            self.kv = nn.Linear(source_dim, 2 * dim)
+        else:
+            self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
-        for layer in (self.query, self.key, self.value, self.out):
+        for layer in self.children():
             nn.init.zeros_(layer.bias)
 
+    def projection_weights(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The query, key and value weights ``[E, in]`` (views of the fused ones), to
+        initialise each as its own kernel."""
+        if self.cross:
+            return self.query.weight, *self.kv.weight.chunk(2)
+        return self.qkv.weight.chunk(3)
+
     def _projections(self, x: Tensor, source: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        """``q, k, v`` as ``[B, H, N, d]``, from one matmul for self-attention (two for cross-
-        attention): the weights of ``query``, ``key`` and ``value`` are stacked on the fly."""
-        layers = (self.query, self.key, self.value) if source is None else (self.key, self.value)
-        weight = torch.cat([layer.weight for layer in layers])
-        bias = torch.cat([layer.bias for layer in layers])
-        fused = F.linear(x if source is None else source, weight, bias)
+        """``q, k, v`` as ``[B, H, N, d]``: one matmul for self-attention, two for cross."""
+        if self.cross != (source is not None):
+            raise ValueError(
+                "cross-attention needs a source" if self.cross else "self-attention takes no source"
+            )
         split = "b n (k h d) -> k b h n d"
         if source is None:
-            return einops.rearrange(fused, split, k=3, h=self.num_heads).unbind(0)
+            return einops.rearrange(self.qkv(x), split, k=3, h=self.num_heads).unbind(0)
         q = einops.rearrange(self.query(x), "b n (h d) -> b h n d", h=self.num_heads)
-        return q, *einops.rearrange(fused, split, k=2, h=self.num_heads).unbind(0)
+        return q, *einops.rearrange(self.kv(source), split, k=2, h=self.num_heads).unbind(0)
 
     def forward(self, x: Tensor, source: Tensor | None = None) -> Tensor:
         q, k, v = self._projections(x, source)
@@ -169,8 +219,9 @@ class EncoderBlock(nn.Module):
         self.mlp = nn.Sequential(
             nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim)
         )
-        for layer in (*self.attention.children(), self.mlp[0], self.mlp[2]):
-            nn.init.xavier_uniform_(layer.weight)
+        attention_kernels = (*self.attention.projection_weights(), self.attention.out.weight)
+        for weight in (*attention_kernels, self.mlp[0].weight, self.mlp[2].weight):
+            nn.init.xavier_uniform_(weight)
         for layer in (self.mlp[0], self.mlp[2]):
             nn.init.normal_(layer.bias, std=1e-6)
 
@@ -209,12 +260,8 @@ class ViTConditioner(nn.Module):
             self.cross_attention = Attention(
                 emb_dim, num_heads, source_dim=context_dim, backend=attention_backend
             )
-            for layer in (
-                self.cross_attention.query,
-                self.cross_attention.key,
-                self.cross_attention.value,
-            ):
-                lecun_normal_(layer.weight)
+            for weight in self.cross_attention.projection_weights():
+                lecun_normal_(weight)
             nn.init.zeros_(self.cross_attention.out.weight)
         self.blocks = nn.ModuleList(
             EncoderBlock(emb_dim, num_heads, attention_backend) for _ in range(depth)

@@ -135,3 +135,27 @@ def test_xformers_matches_sdpa_on_the_gpu(dtype):
         slow.load_state_dict(fast.state_dict())
         with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
             torch.testing.assert_close(fast(*args), slow(*args), atol=tol, rtol=tol)
+
+
+class _Calls(torch.overrides.TorchFunctionMode):
+    """Records the torch functions called inside the ``with`` block."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("source_dim", [None, 6])
+def test_projections_are_stored_fused_and_never_concatenated_per_call(source_dim):
+    attention = Attention(16, 4, source_dim=source_dim)
+    fused = attention.kv if source_dim else attention.qkv
+    assert fused.weight.shape == (2 * 16 if source_dim else 3 * 16, source_dim or 16)
+    args = (torch.randn(2, 9, 16),) + ((torch.randn(2, 5, 6),) if source_dim else ())
+    with _Calls() as calls:
+        attention(*args)
+    assert "cat" not in calls.names
+    assert calls.names.count("linear") == (3 if source_dim else 2)  # (q), qkv or kv, out

@@ -164,11 +164,22 @@ def test_names_and_shapes_follow_the_documented_mapping(jet, arrays):
     assert len(arrays) == 2 + len(bv.name_mapping(CONFIG)) == 2 + 3 + 8 + 2 * 16 + 4
     conditioner = jet.couplings[3].conditioner
     attention = conditioner.blocks[1].attention
+    query, key, value = attention.qkv.weight.detach().chunk(3)  # the fused projection's rows
+    np.testing.assert_array_equal(arrays[f"{mha}/query/kernel"][3].reshape(emb, emb), query.T)
+    np.testing.assert_array_equal(arrays[f"{mha}/key/kernel"][3].reshape(emb, emb), key.T)
+    np.testing.assert_array_equal(arrays[f"{mha}/value/kernel"][3].reshape(emb, emb), value.T)
     np.testing.assert_array_equal(
-        arrays[f"{mha}/query/kernel"][3].reshape(emb, emb), attention.query.weight.detach().T
+        arrays[f"{mha}/value/bias"][3].ravel(), attention.qkv.bias.detach().chunk(3)[2]
     )
+    cross, context_mha = conditioner.cross_attention, "couplings/dnn/MultiHeadDotProductAttention_0"
     np.testing.assert_array_equal(
-        arrays[f"{mha}/value/bias"][3].ravel(), attention.value.bias.detach()
+        arrays[f"{context_mha}/query/kernel"][3].reshape(emb, emb), cross.query.weight.detach().T
+    )
+    key, value = cross.kv.weight.detach().chunk(2)
+    np.testing.assert_array_equal(arrays[f"{context_mha}/key/kernel"][3].reshape(3, emb), key.T)
+    np.testing.assert_array_equal(arrays[f"{context_mha}/value/kernel"][3].reshape(3, emb), value.T)
+    np.testing.assert_array_equal(
+        arrays[f"{context_mha}/key/bias"][3].ravel(), cross.kv.bias.detach().chunk(2)[0]
     )
     np.testing.assert_array_equal(
         arrays[f"{mha}/out/kernel"][3].reshape(emb, emb), attention.out.weight.detach().T
@@ -205,13 +216,13 @@ def test_hand_built_arrays_load_into_the_right_places():
     assert jet.config.layer_plan() == config.layer_plan()
     assert jet.couplings[1].split.perm.tolist() == perm.tolist()
     assert jet.couplings[0].split.order.tolist() == [0, 2, 1, 3]
-    query = jet.couplings[1].conditioner.blocks[0].attention.query
-    kernel = arrays["couplings/dnn/vit/encoderblock_0/MultiHeadDotProductAttention_0/query/kernel"]
-    for head in range(2):
-        for k in range(2):  # feature head * head_dim + k of the torch weight's rows
-            np.testing.assert_array_equal(
-                query.weight[head * 2 + k].detach(), kernel[1, :, head, k]
-            )
+    qkv = jet.couplings[1].conditioner.blocks[0].attention.qkv.weight.detach()
+    mha = "couplings/dnn/vit/encoderblock_0/MultiHeadDotProductAttention_0"
+    for part, weight in zip(("query", "key", "value"), qkv.chunk(3), strict=True):
+        kernel = arrays[f"{mha}/{part}/kernel"]
+        for head in range(2):
+            for k in range(2):  # feature head * head_dim + k of the part's rows
+                np.testing.assert_array_equal(weight[head * 2 + k], kernel[1, :, head, k])
     init = jet.couplings[0].conditioner.init_proj
     np.testing.assert_array_equal(
         init.weight.detach().T, arrays["couplings/dnn/init_proj/kernel"][0]

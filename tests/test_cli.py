@@ -12,6 +12,7 @@ from jetblocks.checkpoint import read_tensors
 from jetblocks.cli import main
 from jetblocks.integrations.builtin import digits
 from jetblocks.train import checkpoints_in
+from jetblocks.vit import unfuse_projections
 
 TRAIN = [
     "--data",
@@ -127,7 +128,8 @@ def test_resume_flag_continues_a_run(run, capsys):
 
 
 def _final_parameters(out_dir):
-    return read_tensors(checkpoints_in(out_dir)[-1] / "model.safetensors")
+    """The newest checkpoint's weights under the reference's separate q/k/v names."""
+    return unfuse_projections(read_tensors(checkpoints_in(out_dir)[-1] / "model.safetensors"))
 
 
 def test_backprop_flag_trains_to_the_same_parameters(tmp_path, digits_config):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from jetblocks import AffineCoupling, ChannelSplit, SpatialSplit, ViTConditioner
+from jetblocks import AffineCoupling, ChannelSplit, Flow, Inverse, SpatialSplit, ViTConditioner
 from jetblocks.couplings import SPATIAL_PATTERNS, spatial_halves
 from jetblocks.testing import perturb_parameters_
 from jetblocks.testing.properties import per_example_log_abs_det as jacobian_logdet
@@ -194,3 +194,52 @@ def test_splits_refuse_odd_dims_and_wrong_shapes():
         SpatialSplit(GRID, DIM, "vstripes")(torch.randn(2, 7, 6))
     with pytest.raises(ValueError, match=r"\[B, N, 6\], got \[2, 4, 4\]"):
         ChannelSplit(DIM, 0)(torch.randn(2, 4, 4))
+
+
+def _vjp(rebuilt, params, seed=0):
+    """``(input, its gradient, the gradients of params)`` of ``sum(w * output) + sum(logdet)``
+    at a rebuilt flow, random ``w`` from ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    weights = torch.randn(rebuilt.output.shape, generator=generator, dtype=torch.float64)
+    n = len(rebuilt.parts)
+    grads = torch.autograd.grad(
+        (rebuilt.output, rebuilt.logdet),
+        [*rebuilt.parts, *params],
+        (weights, torch.ones_like(rebuilt.logdet)),
+    )
+    with torch.no_grad():
+        return rebuilt.join(*rebuilt.parts), rebuilt.join(*grads[:n]), grads[n:]
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+@pytest.mark.parametrize("split", [ChannelSplit(DIM, 3), SpatialSplit(GRID, DIM, "checkerboard")])
+def test_one_pass_rebuild_equals_inverting_and_reapplying(split, inverse):
+    """The coupling's :meth:`rebuild_input` (one conditioner pass, two parts) gives the input,
+    output, log-det and gradients of the generic one (``f^-1`` then ``f``)."""
+    coupling = perturb_parameters_(make_coupling(split, context_dim=5).double(), scale=0.3)
+    x = torch.randn(2, NUM_TOKENS, DIM, dtype=torch.float64)
+    context = torch.randn(2, 3, 5, dtype=torch.float64).requires_grad_()
+    with torch.no_grad():
+        y, logdet = (coupling.inverse if inverse else coupling)(x, context)
+    fast = coupling.rebuild_input(y, context, inverse=inverse)
+    generic = Flow.rebuild_input(coupling, y, context, inverse=inverse)
+    assert [len(r.parts) for r in (fast, generic)] == [2, 1]
+    params = [*coupling.parameters(), context]
+    for rebuilt in (fast, generic):
+        torch.testing.assert_close(rebuilt.output, y, rtol=0, atol=1e-12)
+        torch.testing.assert_close(rebuilt.logdet, logdet, rtol=0, atol=1e-12)
+    (x_fast, grad_fast, params_fast), (x_generic, grad_generic, params_generic) = (
+        _vjp(fast, params),
+        _vjp(generic, params),
+    )
+    torch.testing.assert_close(x_fast, x, rtol=0, atol=1e-12)
+    torch.testing.assert_close(x_generic, x, rtol=0, atol=1e-12)
+    torch.testing.assert_close(grad_fast, grad_generic, rtol=1e-10, atol=1e-12)
+    for got, expected in zip(params_fast, params_generic, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_a_split_that_is_not_a_known_permutation_rebuilds_the_generic_way():
+    coupling = make_coupling(Inverse(ChannelSplit(DIM, 3))).double()
+    y = torch.randn(2, NUM_TOKENS, DIM, dtype=torch.float64)
+    assert len(coupling.rebuild_input(y).parts) == 1

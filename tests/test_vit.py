@@ -3,7 +3,16 @@ import math
 import pytest
 import torch
 
-from jetblocks.vit import LAYER_NORM_EPS, Attention, EncoderBlock, ViTConditioner
+from jetblocks import Jet, JetConfig
+from jetblocks.checkpoint import CheckpointError, read_metadata, read_tensors, write_tensors
+from jetblocks.vit import (
+    LAYER_NORM_EPS,
+    Attention,
+    EncoderBlock,
+    ViTConditioner,
+    fuse_projections,
+    unfuse_projections,
+)
 
 
 def make(context_dim=None, emb_dim=64):
@@ -36,9 +45,11 @@ def test_initialisers_follow_the_reference():
     assert abs(net.posemb.std().item() * math.sqrt(256) - 1) < 0.05
     block = net.blocks[0]
     bound = math.sqrt(6 / (256 + 256))  # xavier-uniform of an E x E kernel
+    for weight in (*block.attention.projection_weights(), block.attention.out.weight):
+        assert weight.shape == (256, 256)  # q, k, v: each third of the fused qkv on its own
+        assert weight.abs().max() <= bound
+        assert weight.abs().max() > 0.95 * bound
     for layer in block.attention.children():
-        assert layer.weight.abs().max() <= bound
-        assert layer.weight.abs().max() > 0.95 * bound
         assert torch.equal(layer.bias, torch.zeros_like(layer.bias))
     for layer in (block.mlp[0], block.mlp[2]):
         assert 0 < layer.bias.abs().max() < 1e-5
@@ -55,11 +66,52 @@ def test_attention_matches_softmax_of_scaled_dot_products():
         torch.nn.init.normal_(layer.bias)
     x, source = torch.randn(2, 5, 16).double(), torch.randn(2, 7, 8).double()
     q = attention.query(x).reshape(2, 5, 4, 4).transpose(1, 2)
-    k = attention.key(source).reshape(2, 7, 4, 4).transpose(1, 2)
-    v = attention.value(source).reshape(2, 7, 4, 4).transpose(1, 2)
+    k, v = (t.reshape(2, 7, 4, 4).transpose(1, 2) for t in attention.kv(source).chunk(2, dim=-1))
     weights = torch.softmax(q @ k.transpose(-1, -2) / 2.0, dim=-1)
     expected = attention.out((weights @ v).transpose(1, 2).reshape(2, 5, 16))
     torch.testing.assert_close(attention(x, source), expected)
+    self_attention = Attention(16, num_heads=4).double()
+    torch.nn.init.normal_(self_attention.qkv.bias)
+    q, k, v = (
+        t.reshape(2, 5, 4, 4).transpose(1, 2) for t in self_attention.qkv(x).chunk(3, dim=-1)
+    )
+    weights = torch.softmax(q @ k.transpose(-1, -2) / 2.0, dim=-1)
+    expected = self_attention.out((weights @ v).transpose(1, 2).reshape(2, 5, 16))
+    torch.testing.assert_close(self_attention(x), expected)
+
+
+def test_fused_projections_split_into_the_reference_names_and_back():
+    net = make(context_dim=5)
+    params = dict(net.named_parameters())
+    split = unfuse_projections(params)
+    assert "blocks.0.attention.qkv.weight" not in split and "cross_attention.kv.bias" not in split
+    assert split["blocks.1.attention.key.weight"].shape == (64, 64)
+    assert torch.equal(
+        split["blocks.1.attention.value.bias"], params["blocks.1.attention.qkv.bias"][128:]
+    )
+    assert torch.equal(
+        split["cross_attention.key.weight"], params["cross_attention.kv.weight"][:64]
+    )
+    assert split["cross_attention.query.weight"] is params["cross_attention.query.weight"]
+    fused = fuse_projections(split, params)
+    assert fused.keys() == params.keys()
+    assert all(torch.equal(fused[name], params[name]) for name in params)
+
+
+def test_a_checkpoint_of_the_unfused_layout_is_refused_by_name(tmp_path):
+    """Weights saved before the projections were fused (version 0.1) do not load."""
+    config = JetConfig(image_size=(8, 8), patch_size=2, depth=2, block_depth=1, emb_dim=8,
+                       num_heads=2, kinds=("channels",), spatial_patterns=())  # fmt: skip
+    weights = Jet(config).save_pretrained(tmp_path) / "model.safetensors"
+    old = unfuse_projections(read_tensors(weights))  # query/key/value, as they were saved
+    write_tensors(weights, old, read_metadata(weights))
+    message = r"(?s)does not fit this model.*Missing key.*qkv\.weight.*Unexpected key.*query"
+    with pytest.raises(CheckpointError, match=message):
+        Jet.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="self-attention takes no source"):
+        Attention(8, 2)(torch.randn(2, 3, 8), torch.randn(2, 3, 8))
+    with pytest.raises(ValueError, match="cross-attention needs a source"):
+        Attention(8, 2, source_dim=4)(torch.randn(2, 3, 8))
 
 
 def test_encoder_block_is_pre_ln_residual():
