@@ -24,11 +24,12 @@ from jetblocks import (
     NoiseCurriculum,
     image_bits_per_dim,
     merge_tokens,
+    rng,
     split_tokens,
 )
 from jetblocks.integrations.builtin import mnist5k
 from jetblocks.integrations.images import save_grid
-from jetblocks.likelihood import PIXEL_BIN, dequantize, to_uint8
+from jetblocks.likelihood import dequantize, to_uint8
 
 
 class CausalTransformer(nn.Module):
@@ -95,8 +96,8 @@ def main() -> None:
     curriculum = NoiseCurriculum(sigma_start=64, sigma_end=0, total_steps=args.steps)
     for step in range(args.steps):
         batch = train[torch.randint(len(train), (args.batch_size,), generator=generator)]
-        noisy = curriculum(batch, step, generator=generator)  # rounded noise, in [-1, 1] units
-        images = noisy + torch.rand(noisy.shape, generator=generator) * PIXEL_BIN
+        # rounded curriculum noise (bins' left edges, may leave [-1, 1]), then dequantized
+        images = dequantize(curriculum(batch, step, generator), generator)
         loss = joint_bits_per_dim(jet, model, images, args.keep).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -108,7 +109,7 @@ def main() -> None:
 
     kept = model.sample(args.samples, jet.config.num_tokens, 0.8, generator)
     shape = (args.samples, kept.shape[1], jet.config.token_dim - args.keep)
-    rest = torch.randn(shape, generator=generator)
+    rest = rng.randn(shape, generator, like=kept)
     with torch.no_grad():
         images = jet.decode(merge_tokens(kept, rest))
     print(f"samples: {save_grid(to_uint8(images), f'{args.out}/samples.png', ncols=8)}")

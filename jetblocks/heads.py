@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from jetblocks import rng
 from jetblocks.likelihood import HALF_LOG_2PI
 
 SCALE_FLOOR = 1e-6
@@ -77,7 +78,7 @@ class GaussianMixture:
     def sample(self, temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
         """``z [..., d]``: a component from the mixture, then ``mu_k + T * sigma_k * eps``."""
         mean, scale = self.select(self.sample_component(generator))
-        return mean + temperature * scale * _randn_like(mean, generator)
+        return mean + temperature * scale * rng.randn(mean.shape, generator, like=mean)
 
 
 class GMMHead(nn.Module):
@@ -189,13 +190,7 @@ def sample_guided(
     mu_c, sigma_c = cond.select(index)
     mu_u, sigma_u = uncond.select(index)
     mean, sigma = guided_gaussian(mu_c, temperature * sigma_c, mu_u, temperature * sigma_u, weight)
-    return mean + sigma * _randn_like(mean, generator)
-
-
-def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    """``N(0, 1)`` like ``x``, drawn on the generator's device (so a CPU generator works)."""
-    device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+    return mean + sigma * rng.randn(mean.shape, generator, like=mean)
 
 
 __all__ = ["GMMHead", "GaussianMixture", "guided_gaussian", "sample_guided", "squareplus"]

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from jetblocks import rng
 from jetblocks.checkpoint import (
     CorruptCheckpointError,
     check_config,
@@ -319,11 +320,8 @@ class Jet(Flow):
                 f"sample: temperature must be a finite number >= 0, got {temperature!r}"
             )
         cfg, weight = self.config, next(self.parameters())
-        noise_device = generator.device if generator is not None else weight.device
-        z = torch.randn(
-            (n, cfg.num_tokens, cfg.token_dim), generator=generator, device=noise_device
-        )
-        return self.decode((temperature * z).to(weight.device, weight.dtype), context)
+        z = rng.randn((n, cfg.num_tokens, cfg.token_dim), generator, like=weight)
+        return self.decode(temperature * z, context)
 
     def log_prob(
         self,

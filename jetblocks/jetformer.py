@@ -19,6 +19,7 @@ import math
 import torch
 from torch import Tensor
 
+from jetblocks import rng
 from jetblocks.likelihood import nats_to_bits_per_dim, pixels_to_unit, standard_normal_log_prob
 
 
@@ -32,16 +33,6 @@ def image_bits_per_dim(gmm_nll: Tensor, factored: Tensor, logdet: Tensor, num_di
     ar = gmm_nll.flatten(1).sum(1) if gmm_nll.dim() > 1 else gmm_nll
     prior = -standard_normal_log_prob(factored) if factored.numel() else torch.zeros_like(ar)
     return nats_to_bits_per_dim(ar.to(prior.dtype) + prior, logdet, num_dims)
-
-
-def normal_from_uniform(uniform: Tensor) -> Tensor:
-    """``N(0, 1)`` draws from ``U[0, 1)`` ones by the inverse normal CDF (``ndtri``).
-
-    Lets a caller that only has a uniform noise source (such as
-    :class:`jetblocks.train.Trainer`'s, which is resumable and rank-aware) draw Gaussians.
-    """
-    tiny = torch.finfo(torch.float32).tiny
-    return torch.special.ndtri(uniform.double().clamp(tiny, 1.0 - 2**-53)).float()
 
 
 class NoiseCurriculum:
@@ -70,33 +61,17 @@ class NoiseCurriculum:
         cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
         return self.sigma_end + (self.sigma_start - self.sigma_end) * cosine
 
-    def __call__(
-        self,
-        images: Tensor,
-        step: int,
-        *,
-        normal: Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """Noisy float32 images in ``[-1, 1]`` units from uint8 pixels or floats in ``[-1, 1]``.
-
-        The standard-normal draws come from ``normal`` (same shape) if given, else from
-        ``generator``.
-        """
+    def __call__(self, images: Tensor, step: int, generator: rng.Generator = None) -> Tensor:
+        """Noisy float32 images in ``[-1, 1]`` units from uint8 pixels or floats in ``[-1, 1]``,
+        with the standard-normal draws from ``generator``. They are bins' left edges:
+        :func:`jetblocks.dequantize` adds the uniform noise."""
         if images.dtype == torch.uint8:
             pixels = images.float()
         else:
             pixels = torch.round((images.float() + 1.0) * 127.5)
-        if normal is None:
-            device = generator.device if generator is not None else pixels.device
-            normal = torch.randn(pixels.shape, generator=generator, device=device)
-        if normal.shape != pixels.shape:
-            raise ValueError(
-                f"normal noise of shape {list(normal.shape)} does not match the images' "
-                f"{list(pixels.shape)}"
-            )
-        noisy = torch.round(pixels + self.sigma(step) * normal.to(pixels.device, pixels.dtype))
+        normal = rng.randn(pixels.shape, generator, like=pixels)
+        noisy = torch.round(pixels + self.sigma(step) * normal)
         return pixels_to_unit(noisy)
 
 
-__all__ = ["NoiseCurriculum", "image_bits_per_dim", "normal_from_uniform"]
+__all__ = ["NoiseCurriculum", "image_bits_per_dim"]

@@ -16,6 +16,7 @@ import math
 import torch
 from torch import Tensor
 
+from jetblocks import rng
 from jetblocks.flow import logdet_dtype
 
 PIXEL_BIN = 1.0 / 127.5
@@ -38,12 +39,18 @@ def bin_centers(images: Tensor) -> Tensor:
     return pixels_to_unit(images) + 0.5 * PIXEL_BIN
 
 
-def dequantize(images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """uint8 pixels to ``k / 127.5 - 1 + u`` with ``u ~ U[0, 1/127.5)`` drawn from ``generator``."""
-    if images.dtype != torch.uint8:
-        raise ValueError(f"dequantize expects uint8 pixels, got {images.dtype}")
-    noise = torch.rand(images.shape, generator=generator, device=images.device) * PIXEL_BIN
-    return pixels_to_unit(images) + noise
+def dequantize(images: Tensor, generator: rng.Generator = None) -> Tensor:
+    """``x + u`` with ``u ~ U[0, 1/127.5)`` drawn from ``generator`` (float32).
+
+    ``images`` are uint8 pixels (``x = k / 127.5 - 1``) or float bins' left edges in
+    ``[-1, 1]`` units, such as :class:`jetblocks.NoiseCurriculum` returns (they may lie
+    outside ``[-1, 1]``; :meth:`jetblocks.Jet.encode` refuses them, ``jet(x)`` takes them).
+    """
+    if images.dtype == torch.uint8:
+        images = pixels_to_unit(images)
+    elif not images.is_floating_point():
+        raise ValueError(f"dequantize expects uint8 pixels or float images, got {images.dtype}")
+    return images.float() + rng.rand(images.shape, generator, like=images) * PIXEL_BIN
 
 
 def to_uint8(images: Tensor) -> Tensor:

@@ -54,9 +54,8 @@ from jetblocks.checkpoint import (
 )
 from jetblocks.integrations.distributed import Distributed, wrap_model
 from jetblocks.integrations.images import save_grid
-from jetblocks.likelihood import PIXEL_BIN, bits_per_dim, pixels_to_unit, to_uint8
-
-Noise = Callable[[torch.Size], Tensor]
+from jetblocks.likelihood import bits_per_dim, dequantize, to_uint8
+from jetblocks.rng import ShardedGenerator
 
 
 @dataclasses.dataclass
@@ -187,8 +186,11 @@ class Task(Protocol):
     step with the number of steps done so far (restored on resume).
     """
 
-    def loss(self, model: nn.Module, batch: dict[str, Tensor], noise: Noise) -> Tensor:
-        """The scalar training loss of a batch (``noise(shape)`` draws ``U[0, 1)``)."""
+    def loss(
+        self, model: nn.Module, batch: dict[str, Tensor], generator: ShardedGenerator
+    ) -> Tensor:
+        """The scalar training loss of a batch; every random draw from ``generator``
+        (see :mod:`jetblocks.rng`: K processes draw what one process would)."""
 
     def evaluate(
         self, model: nn.Module, batch: dict[str, Tensor], generator: torch.Generator
@@ -204,10 +206,10 @@ class Task(Protocol):
 class JetTask:
     """Unconditional Jet: minimise bits/dim of uniformly dequantized uint8 images."""
 
-    def loss(self, model: nn.Module, batch: dict[str, Tensor], noise: Noise) -> Tensor:
-        pixels = batch["image"]
-        images = pixels_to_unit(pixels) + noise(pixels.shape) * PIXEL_BIN
-        return bits_per_dim(*model(images)).mean()
+    def loss(
+        self, model: nn.Module, batch: dict[str, Tensor], generator: ShardedGenerator
+    ) -> Tensor:
+        return bits_per_dim(*model(dequantize(batch["image"], generator))).mean()
 
     def evaluate(
         self, model: nn.Module, batch: dict[str, Tensor], generator: torch.Generator
@@ -255,24 +257,11 @@ class Trainer:
                 self.model,
                 multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema_decay),
             )
-        self.noise_generator = torch.Generator(self.env.device).manual_seed(config.seed)
+        self.generator = ShardedGenerator(
+            config.seed, self.env.device, self.env.rank, self.env.world_size
+        )
         self.step = 0
         self.nonfinite_in_a_row = 0
-
-    # -- randomness ---------------------------------------------------------------------------
-    def uniform_noise(self, shape: torch.Size) -> Tensor:
-        """``U[0, 1)`` for this rank's share of the global batch.
-
-        Every rank draws the noise of the whole global micro-batch from the same generator
-        and keeps its slice, so K processes see exactly the noise one process would.
-        """
-        size = shape[0]
-        full = torch.rand(
-            (size * self.env.world_size, *shape[1:]),
-            generator=self.noise_generator,
-            device=self.env.device,
-        )
-        return full[self.env.rank * size : (self.env.rank + 1) * size]
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.env.device.type, torch.bfloat16, enabled=self.config.bf16)
@@ -342,7 +331,7 @@ class Trainer:
             no_sync = getattr(self.model, "no_sync", None)
             with contextlib.nullcontext() if last or no_sync is None else no_sync():
                 with self.autocast():
-                    loss = self.task.loss(self.forward_model, batch, self.uniform_noise)
+                    loss = self.task.loss(self.forward_model, batch, self.generator)
                 (loss / self.config.grad_accum).backward()
             total = total + loss.detach() / self.config.grad_accum
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
@@ -445,7 +434,7 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(),
                 "ema": None if self.ema is None else self.ema.state_dict(),
                 "loaders": loader_states,
-                "noise_rng": self.noise_generator.get_state(),
+                "noise_rng": self.generator.get_state(),
                 "torch_rng": torch.get_rng_state(),
                 "train_config": dataclasses.asdict(self.config),
             }
@@ -505,7 +494,7 @@ class Trainer:
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
         self.train_loader.load_state_dict(state["loaders"][self.env.rank])
-        self.noise_generator.set_state(state["noise_rng"])
+        self.generator.set_state(state["noise_rng"])
         torch.set_rng_state(state["torch_rng"])
         self.step = state["step"]
         if self.env.is_main:  # forget what was logged after this checkpoint

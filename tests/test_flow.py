@@ -96,3 +96,38 @@ def test_the_composition_knows_no_concrete_flow():
 
     assert imported(flow_module) == {"jetblocks.memory"}
     assert imported(memory) == set()
+
+
+def test_the_package_layers_point_down_and_have_no_import_cycle():
+    """Every jetblocks import, module level or not: no cycle, and the flow maths never imports
+    the integrations, the trainer, the CLI or the testing kit (see the package docstring)."""
+    root = Path(flow_module.__file__).resolve().parents[1]
+    files = {f"jetblocks.{p.stem}": p for p in (root / "jetblocks").glob("*.py")}
+    files |= {f"jetblocks.testing.{p.stem}": p for p in (root / "jetblocks/testing").glob("*.py")}
+    files |= {f"jetblocks.integrations.{p.stem}": p for p in (root / "integrations").glob("*.py")}
+    modules = {name.removesuffix(".__init__"): path for name, path in files.items()}
+
+    def imports(path):
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                found |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules
+                          else node.module for a in node.names}  # fmt: skip
+        return {name for name in found if name in modules}
+
+    graph = {name: imports(path) - {name} for name, path in modules.items()}
+    maths = {f"jetblocks.{m}" for m in ("flow", "couplings", "vit", "jet", "latents", "rng",
+             "likelihood", "memory", "heads", "jetformer", "checkpoint", "extras")}  # fmt: skip
+    upper = ("jetblocks.integrations", "jetblocks.train", "jetblocks.cli", "jetblocks.testing")
+    for name in maths:
+        assert not {i for i in graph[name] if i.startswith(upper)}, (name, graph[name])
+
+    def visit(name, path):
+        assert name not in path, " -> ".join([*path, name])
+        for target in graph[name]:
+            visit(target, (*path, name))
+
+    for name in graph:
+        visit(name, ())

@@ -5,7 +5,7 @@ import torch
 
 from jetblocks import Jet, JetConfig, bits_per_dim, split_tokens
 from jetblocks.heads import GMMHead
-from jetblocks.jetformer import NoiseCurriculum, image_bits_per_dim, normal_from_uniform
+from jetblocks.jetformer import NoiseCurriculum, image_bits_per_dim
 from jetblocks.train import JetTask, TrainConfig, Trainer
 
 TINY = JetConfig(
@@ -65,16 +65,9 @@ def test_noise_curriculum_rounds_in_pixel_units_without_clipping():
     residual = x255 - pixels.float()
     assert residual.std().item() == pytest.approx(64, rel=0.03)
     assert x255.min() < -50 and x255.max() > 300  # not clipped
-    normal = torch.randn(pixels.shape)
+    normal = torch.randn(pixels.shape, generator=torch.Generator().manual_seed(5))
     expected = torch.round(pixels.float() + 64 * normal) / 127.5 - 1
-    torch.testing.assert_close(quiet(pixels, 0, normal=normal), expected)
-
-
-def test_normal_from_uniform_is_standard_normal_and_finite():
-    u = torch.rand(100_000, generator=torch.Generator().manual_seed(0))
-    n = normal_from_uniform(torch.cat([u, torch.zeros(1)]))
-    assert torch.isfinite(n).all()
-    assert abs(n.mean().item()) < 0.02 and n.std().item() == pytest.approx(1, abs=0.01)
+    torch.testing.assert_close(quiet(pixels, 0, torch.Generator().manual_seed(5)), expected)
 
 
 def test_gradients_reach_jet_through_the_ar_loss():

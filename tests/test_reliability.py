@@ -107,8 +107,8 @@ class NaNAfter(JetTask):
     def set_step(self, step: int) -> None:
         self.step = step
 
-    def loss(self, model, batch, noise):
-        loss = super().loss(model, batch, noise)
+    def loss(self, model, batch, generator):
+        loss = super().loss(model, batch, generator)
         return loss * math.nan if self.bad <= self.step < self.bad + self.count else loss
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from jetblocks import GaussianMixture, merge_tokens, sample_guided
+from jetblocks import GaussianMixture, merge_tokens, rng, sample_guided
 from jetblocks.likelihood import dequantize
 
 from .model import JetFormer
@@ -80,8 +80,7 @@ def decode_images(model: JetFormer, kept: Tensor, generator: torch.Generator | N
     """Kept tokens + ``N(0, 1)`` factored dims -> images in ``[-1, 1]`` through Jet's inverse."""
     cfg = model.config.jet_config
     shape = (*kept.shape[:2], cfg.token_dim - kept.shape[-1])
-    device = generator.device if generator is not None else kept.device
-    rest = torch.randn(shape, generator=generator, device=device).to(kept.device, kept.dtype)
+    rest = rng.randn(shape, generator, like=kept)
     return model.jet.decode(merge_tokens(kept, rest)).clamp(-1.0, 1.0)
 
 

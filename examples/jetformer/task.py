@@ -20,8 +20,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from jetblocks.jetformer import NoiseCurriculum, normal_from_uniform
-from jetblocks.likelihood import PIXEL_BIN, dequantize
+from jetblocks import rng
+from jetblocks.jetformer import NoiseCurriculum
+from jetblocks.likelihood import dequantize
 
 from .sampling import sample_images
 
@@ -67,13 +68,11 @@ class JetFormerTask:
     def set_step(self, step: int) -> None:
         self.step = step
 
-    def loss(self, model: nn.Module, batch: dict[str, Tensor], noise) -> Tensor:
+    def loss(self, model: nn.Module, batch: dict[str, Tensor], generator) -> Tensor:
         cfg, pixels = self.config, batch["image"]
         text, text_mask = text_of(batch)
-        normal = normal_from_uniform(noise(pixels.shape))
-        images = self.curriculum(pixels, self.step, normal=normal)
-        images = images + noise(pixels.shape) * PIXEL_BIN
-        coins = noise(torch.Size((len(pixels), 2)))
+        images = dequantize(self.curriculum(pixels, self.step, generator), generator)
+        coins = rng.rand((len(pixels), 2), generator, like=images)
         text_first = coins[:, 0] < cfg.text_first_prob
         drop = (coins[:, 1] < cfg.drop_prob) & text_first
         out = model(images, text, text_mask, text_first, drop)
