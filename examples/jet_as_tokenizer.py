@@ -52,7 +52,7 @@ class CausalTransformer(nn.Module):
         return self.body(x, mask=mask, is_causal=True)
 
     @torch.no_grad()
-    def sample(self, n: int, num_tokens: int, temperature: float, generator) -> torch.Tensor:
+    def sample(self, n: int, num_tokens: int, temperature: float, *, generator) -> torch.Tensor:
         kept = torch.zeros(n, 0, self.head.dim)
         for _ in range(num_tokens):  # no KV cache: recompute the prefix every step
             h = self.hidden(torch.cat([kept, kept.new_zeros(n, 1, self.head.dim)], dim=1))
@@ -89,7 +89,7 @@ def main() -> None:
 
     def held_out() -> float:
         with torch.no_grad():
-            images = dequantize(test, torch.Generator().manual_seed(1))
+            images = dequantize(test, generator=torch.Generator().manual_seed(1))
             return joint_bits_per_dim(jet, model, images, args.keep).mean().item()
 
     before = held_out()
@@ -97,7 +97,7 @@ def main() -> None:
     for step in range(args.steps):
         batch = train[torch.randint(len(train), (args.batch_size,), generator=generator)]
         # rounded curriculum noise (bins' left edges, may leave [-1, 1]), then dequantized
-        images = dequantize(curriculum(batch, step, generator), generator)
+        images = dequantize(curriculum(batch, step, generator=generator), generator=generator)
         loss = joint_bits_per_dim(jet, model, images, args.keep).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -107,9 +107,9 @@ def main() -> None:
             print(f"step {step:4d}  train bits/dim {loss.item():.4f}")
     print(f"held-out bits/dim after {args.steps} steps: {held_out():.4f} (before: {before:.4f})")
 
-    kept = model.sample(args.samples, jet.config.num_tokens, 0.8, generator)
+    kept = model.sample(args.samples, jet.config.num_tokens, 0.8, generator=generator)
     shape = (args.samples, kept.shape[1], jet.config.token_dim - args.keep)
-    rest = rng.randn(shape, generator, like=kept)
+    rest = rng.randn(shape, generator=generator, like=kept)
     with torch.no_grad():
         images = jet.decode(merge_tokens(kept, rest))
     print(f"samples: {save_grid(to_uint8(images), f'{args.out}/samples.png', ncols=8)}")

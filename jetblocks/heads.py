@@ -62,7 +62,7 @@ class GaussianMixture:
         log_weights = self.logits.log_softmax(-1)
         return torch.logsumexp(log_weights + self.component_log_prob(tokens), dim=-1)
 
-    def sample_component(self, generator: torch.Generator | None = None) -> Tensor:
+    def sample_component(self, *, generator: torch.Generator | None = None) -> Tensor:
         """One component index ``[...]`` per position, ``k ~ softmax(logits)``."""
         probs = self.logits.softmax(-1).reshape(-1, self.num_mixtures)
         if generator is not None:
@@ -75,10 +75,12 @@ class GaussianMixture:
         gather = index[..., None, None].expand(*index.shape, 1, self.means.shape[-1])
         return self.means.gather(-2, gather).squeeze(-2), self.scales.gather(-2, gather).squeeze(-2)
 
-    def sample(self, temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+    def sample(
+        self, temperature: float = 1.0, *, generator: torch.Generator | None = None
+    ) -> Tensor:
         """``z [..., d]``: a component from the mixture, then ``mu_k + T * sigma_k * eps``."""
-        mean, scale = self.select(self.sample_component(generator))
-        return mean + temperature * scale * rng.randn(mean.shape, generator, like=mean)
+        mean, scale = self.select(self.sample_component(generator=generator))
+        return mean + temperature * scale * rng.randn(mean.shape, generator=generator, like=mean)
 
 
 class GMMHead(nn.Module):
@@ -135,10 +137,10 @@ class GMMHead(nn.Module):
         return -self.log_prob(h, tokens)
 
     def sample(
-        self, h: Tensor, temperature: float = 1.0, generator: torch.Generator | None = None
+        self, h: Tensor, temperature: float = 1.0, *, generator: torch.Generator | None = None
     ) -> Tensor:
         """One token ``[..., d]`` per position of ``h``; ``temperature`` multiplies sigma."""
-        return self(h).sample(temperature, generator)
+        return self(h).sample(temperature, generator=generator)
 
     def sample_guided(
         self,
@@ -146,10 +148,11 @@ class GMMHead(nn.Module):
         h_uncond: Tensor,
         weight: float,
         temperature: float = 1.0,
+        *,
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """Classifier-free guided tokens from conditional and unconditional hidden states."""
-        return sample_guided(self(h_cond), self(h_uncond), weight, temperature, generator)
+        return sample_guided(self(h_cond), self(h_uncond), weight, temperature, generator=generator)
 
 
 def guided_gaussian(
@@ -174,6 +177,7 @@ def sample_guided(
     uncond: GaussianMixture,
     weight: float,
     temperature: float = 1.0,
+    *,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """CFG sampling: one component from ``cond``, then the per-dim guided Gaussian of it.
@@ -186,11 +190,11 @@ def sample_guided(
             f"conditional and unconditional mixtures differ in shape: "
             f"{list(cond.means.shape)} vs {list(uncond.means.shape)}"
         )
-    index = cond.sample_component(generator)
+    index = cond.sample_component(generator=generator)
     mu_c, sigma_c = cond.select(index)
     mu_u, sigma_u = uncond.select(index)
     mean, sigma = guided_gaussian(mu_c, temperature * sigma_c, mu_u, temperature * sigma_u, weight)
-    return mean + sigma * rng.randn(mean.shape, generator, like=mean)
+    return mean + sigma * rng.randn(mean.shape, generator=generator, like=mean)
 
 
 __all__ = ["GMMHead", "GaussianMixture", "guided_gaussian", "sample_guided", "squareplus"]

@@ -284,7 +284,7 @@ class Jet(Flow):
         context: Tensor | None = None,
         *,
         noise: bool = False,
-        generator: torch.Generator | None = None,
+        generator: rng.Generator = None,
     ) -> tuple[Tensor, Tensor]:
         """Images to soft tokens: ``(tokens [B, N, D], logdet [B])``.
 
@@ -305,8 +305,9 @@ class Jet(Flow):
         self,
         n: int,
         temperature: float = 1.0,
-        generator: torch.Generator | None = None,
         context: Tensor | None = None,
+        *,
+        generator: rng.Generator = None,
     ) -> Tensor:
         """``n`` images decoded from ``z ~ N(0, temperature^2 I)``."""
         if not _is_int(n) or n < 0:
@@ -320,14 +321,15 @@ class Jet(Flow):
                 f"sample: temperature must be a finite number >= 0, got {temperature!r}"
             )
         cfg, weight = self.config, next(self.parameters())
-        z = rng.randn((n, cfg.num_tokens, cfg.token_dim), generator, like=weight)
+        z = rng.randn((n, cfg.num_tokens, cfg.token_dim), generator=generator, like=weight)
         return self.decode(temperature * z, context)
 
     def log_prob(
         self,
         images: Tensor,
         context: Tensor | None = None,
-        generator: torch.Generator | None = None,
+        *,
+        generator: rng.Generator = None,
     ) -> Tensor:
         """Log-density ``[B]`` (nats) of the uniformly dequantized images in ``[-1, 1]`` units."""
         z, logdet = self.encode(images, context, noise=True, generator=generator)
@@ -337,7 +339,8 @@ class Jet(Flow):
         self,
         images: Tensor,
         context: Tensor | None = None,
-        generator: torch.Generator | None = None,
+        *,
+        generator: rng.Generator = None,
     ) -> Tensor:
         """Bits per dimension ``[B]`` (uint8 input is uniformly dequantized first)."""
         return bits_per_dim(*self.encode(images, context, noise=True, generator=generator))
@@ -382,13 +385,13 @@ class Jet(Flow):
                 f"{x.dtype}; convert the input (.to({dtype})) or the model (jet.to(dtype))"
             )
 
-    def _to_unit(self, images: Tensor, noise: bool, generator: torch.Generator | None) -> Tensor:
+    def _to_unit(self, images: Tensor, noise: bool, generator: rng.Generator) -> Tensor:
         cfg = self.config
         _check_shape(images, "images", (cfg.channels, *cfg.image_size), "[B, C, H, W]")
         dtype = next(self.parameters()).dtype
         if images.dtype == torch.uint8:
             if noise:
-                return dequantize(images, generator).to(dtype)
+                return dequantize(images, generator=generator).to(dtype)
             if generator is not None:
                 raise ValueError("encode: a generator is only used with noise=True")
             return bin_centers(images).to(dtype)

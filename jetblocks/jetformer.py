@@ -61,7 +61,7 @@ class NoiseCurriculum:
         cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
         return self.sigma_end + (self.sigma_start - self.sigma_end) * cosine
 
-    def __call__(self, images: Tensor, step: int, generator: rng.Generator = None) -> Tensor:
+    def __call__(self, images: Tensor, step: int, *, generator: rng.Generator = None) -> Tensor:
         """Noisy float32 images in ``[-1, 1]`` units from uint8 pixels or floats in ``[-1, 1]``,
         with the standard-normal draws from ``generator``. They are bins' left edges:
         :func:`jetblocks.dequantize` adds the uniform noise."""
@@ -69,7 +69,7 @@ class NoiseCurriculum:
             pixels = images.float()
         else:
             pixels = torch.round((images.float() + 1.0) * 127.5)
-        normal = rng.randn(pixels.shape, generator, like=pixels)
+        normal = rng.randn(pixels.shape, generator=generator, like=pixels)
         noisy = torch.round(pixels + self.sigma(step) * normal)
         return pixels_to_unit(noisy)
 

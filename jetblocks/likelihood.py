@@ -39,7 +39,7 @@ def bin_centers(images: Tensor) -> Tensor:
     return pixels_to_unit(images) + 0.5 * PIXEL_BIN
 
 
-def dequantize(images: Tensor, generator: rng.Generator = None) -> Tensor:
+def dequantize(images: Tensor, *, generator: rng.Generator = None) -> Tensor:
     """``x + u`` with ``u ~ U[0, 1/127.5)`` drawn from ``generator`` (float32).
 
     ``images`` are uint8 pixels (``x = k / 127.5 - 1``) or float bins' left edges in
@@ -50,7 +50,7 @@ def dequantize(images: Tensor, generator: rng.Generator = None) -> Tensor:
         images = pixels_to_unit(images)
     elif not images.is_floating_point():
         raise ValueError(f"dequantize expects uint8 pixels or float images, got {images.dtype}")
-    return images.float() + rng.rand(images.shape, generator, like=images) * PIXEL_BIN
+    return images.float() + rng.rand(images.shape, generator=generator, like=images) * PIXEL_BIN
 
 
 def to_uint8(images: Tensor) -> Tensor:

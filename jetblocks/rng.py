@@ -60,12 +60,12 @@ class ShardedGenerator:
 Generator = torch.Generator | ShardedGenerator | None
 
 
-def rand(shape: Any, generator: Generator = None, *, like: Tensor) -> Tensor:
+def rand(shape: Any, *, generator: Generator = None, like: Tensor) -> Tensor:
     """``U[0, 1)`` of ``shape`` from ``generator``, on ``like``'s device (float32)."""
     return _draw("rand", tuple(shape), generator, like.device)
 
 
-def randn(shape: Any, generator: Generator = None, *, like: Tensor) -> Tensor:
+def randn(shape: Any, *, generator: Generator = None, like: Tensor) -> Tensor:
     """``N(0, 1)`` of ``shape`` from ``generator``, on ``like``'s device and in its dtype."""
     normal = _draw("randn", tuple(shape), generator, like.device)
     return normal.to(like.dtype) if like.is_floating_point() else normal

@@ -209,7 +209,7 @@ class JetTask:
     def loss(
         self, model: nn.Module, batch: dict[str, Tensor], generator: ShardedGenerator
     ) -> Tensor:
-        return bits_per_dim(*model(dequantize(batch["image"], generator))).mean()
+        return bits_per_dim(*model(dequantize(batch["image"], generator=generator))).mean()
 
     def evaluate(
         self, model: nn.Module, batch: dict[str, Tensor], generator: torch.Generator

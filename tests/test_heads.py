@@ -152,7 +152,9 @@ def test_guided_sampling_draws_the_component_from_the_conditional_mixture():
         torch.tensor([[[9.0], [0.0]]]).expand(n, 2, 1),
         torch.tensor([[[1.2], [1.0]]]).expand(n, 2, 1),
     )
-    samples = sample_guided(cond, uncond, w, temperature, torch.Generator().manual_seed(0))
+    samples = sample_guided(
+        cond, uncond, w, temperature, generator=torch.Generator().manual_seed(0)
+    )
     mean, std = guided_gaussian(
         torch.tensor(10.0), torch.tensor(0.9), torch.tensor(9.0), torch.tensor(1.08), w
     )

@@ -67,7 +67,9 @@ def test_noise_curriculum_rounds_in_pixel_units_without_clipping():
     assert x255.min() < -50 and x255.max() > 300  # not clipped
     normal = torch.randn(pixels.shape, generator=torch.Generator().manual_seed(5))
     expected = torch.round(pixels.float() + 64 * normal) / 127.5 - 1
-    torch.testing.assert_close(quiet(pixels, 0, torch.Generator().manual_seed(5)), expected)
+    torch.testing.assert_close(
+        quiet(pixels, 0, generator=torch.Generator().manual_seed(5)), expected
+    )
 
 
 def test_gradients_reach_jet_through_the_ar_loss():

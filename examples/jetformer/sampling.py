@@ -52,10 +52,10 @@ def sample_image_tokens(
         mixture = model.head(h)
         if guided:
             cond, uncond = (_rows(mixture, start) for start in (0, 1))
-            token = sample_guided(cond, uncond, guidance, temperature, generator)
+            token = sample_guided(cond, uncond, guidance, temperature, generator=generator)
             feed = token.repeat_interleave(2, dim=0)
         else:
-            token = mixture.sample(temperature, generator)
+            token = mixture.sample(temperature, generator=generator)
             feed = token
         tokens.append(token)
         if step == num_tokens - 1:
@@ -76,11 +76,11 @@ def _rows(mixture: GaussianMixture, start: int) -> GaussianMixture:
 
 
 @torch.no_grad()
-def decode_images(model: JetFormer, kept: Tensor, generator: torch.Generator | None = None):
+def decode_images(model: JetFormer, kept: Tensor, *, generator: torch.Generator | None = None):
     """Kept tokens + ``N(0, 1)`` factored dims -> images in ``[-1, 1]`` through Jet's inverse."""
     cfg = model.config.jet_config
     shape = (*kept.shape[:2], cfg.token_dim - kept.shape[-1])
-    rest = rng.randn(shape, generator, like=kept)
+    rest = rng.randn(shape, generator=generator, like=kept)
     return model.jet.decode(merge_tokens(kept, rest)).clamp(-1.0, 1.0)
 
 
@@ -103,7 +103,7 @@ def sample_images(
         generator=generator,
         use_cache=use_cache,
     )
-    return decode_images(model, kept.float(), generator)
+    return decode_images(model, kept.float(), generator=generator)
 
 
 @torch.no_grad()
@@ -119,7 +119,7 @@ def caption_images(
     ``temperature = 0`` decodes greedily. Uses the KV cache.
     """
     cfg = model.config
-    images = dequantize(pixels, torch.Generator(pixels.device).manual_seed(0))
+    images = dequantize(pixels, generator=torch.Generator(pixels.device).manual_seed(0))
     tokens, _ = model.jet(images.to(next(model.parameters()).dtype))
     kept = tokens[..., : cfg.keep]
     rows = len(pixels)

@@ -71,8 +71,9 @@ class JetFormerTask:
     def loss(self, model: nn.Module, batch: dict[str, Tensor], generator) -> Tensor:
         cfg, pixels = self.config, batch["image"]
         text, text_mask = text_of(batch)
-        images = dequantize(self.curriculum(pixels, self.step, generator), generator)
-        coins = rng.rand((len(pixels), 2), generator, like=images)
+        noisy = self.curriculum(pixels, self.step, generator=generator)
+        images = dequantize(noisy, generator=generator)
+        coins = rng.rand((len(pixels), 2), generator=generator, like=images)
         text_first = coins[:, 0] < cfg.text_first_prob
         drop = (coins[:, 1] < cfg.drop_prob) & text_first
         out = model(images, text, text_mask, text_first, drop)
@@ -85,7 +86,7 @@ class JetFormerTask:
         """Held-out image bits/dim (no curriculum noise, no dropout); caption NLL for text."""
         pixels = batch["image"]
         text, text_mask = text_of(batch)
-        images = dequantize(pixels, generator).to(next(model.parameters()).dtype)
+        images = dequantize(pixels, generator=generator).to(next(model.parameters()).dtype)
         ones = torch.ones(len(pixels), dtype=torch.bool, device=pixels.device)
         metrics = {"bits_per_dim": model(images, text, text_mask, ones)["image_bits"]}
         if self.config.text_first_prob < 1.0:
