@@ -1,4 +1,5 @@
-"""The ``jetblocks`` command: train, eval, sample, encode and decode Jet models.
+"""The ``jetblocks`` command: train, eval, sample, encode and decode Jet models (and the
+multi-scale flows of :mod:`jetblocks.multiscale`).
 
     jetblocks train --preset mnist --data mnist5k --steps 600 --out runs/demo
     jetblocks eval --checkpoint runs/demo --data mnist5k --split test
@@ -7,7 +8,7 @@
     jetblocks decode --checkpoint runs/demo --tokens tokens.safetensors --out decoded.png
 
 ``--checkpoint`` takes a training run's directory (its newest checkpoint is used), one
-checkpoint directory, or a ``Jet.save_pretrained`` directory. Under ``torchrun`` the
+checkpoint directory, or a ``save_pretrained`` directory. Under ``torchrun`` the
 ``train`` command runs data-parallel (``--distributed ddp``, the default, or ``fsdp``).
 """
 
@@ -24,19 +25,49 @@ from pathlib import Path
 
 import torch
 
-from jetblocks.checkpoint import CheckpointError, read_tensors
+from jetblocks.checkpoint import CheckpointError, read_json, read_tensors, resolve_checkpoint
 from jetblocks.extras import missing_dependency
 from jetblocks.flow import BACKPROP_MODES
+from jetblocks.imageflow import ImageFlow
 from jetblocks.jet import PRESETS, Jet, JetConfig
 from jetblocks.likelihood import to_uint8
+from jetblocks.multiscale import MULTISCALE_PRESETS, MultiScaleConfig, MultiScaleFlow
 from jetblocks.train import DivergenceError, TrainConfig
 
-
-def load_jet(path: str | Path, device: torch.device) -> Jet:
-    return Jet.from_pretrained(path).to(device).eval()
+MODELS = {"jet": Jet, "multiscale": MultiScaleFlow}  # the config's "model" field (none: Jet)
 
 
-def _source(args, jet_config: JetConfig, split: str):
+def model_class(config: dict) -> type[ImageFlow]:
+    """The model class a config dict describes."""
+    name = config.get("model", "jet")
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r} in the config; expected one of {list(MODELS)}")
+    return MODELS[name]
+
+
+def model_config(args):
+    """The ``JetConfig`` or ``MultiScaleConfig`` of ``--config`` or ``--preset``."""
+    if args.preset in MULTISCALE_PRESETS:
+        return MultiScaleConfig.preset(args.preset)
+    if not args.config:
+        return JetConfig.preset(args.preset)
+    try:
+        values = json.loads(Path(args.config).read_text())
+        return model_class(values).config_class.from_dict(values)
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError) as error:
+        raise ValueError(
+            f"--config {args.config} is not a model config JSON file: {error}"
+        ) from None
+
+
+def load_model(path: str | Path, device: torch.device) -> ImageFlow:
+    """The model saved at ``path`` (a run, a checkpoint or a pretrained directory)."""
+    config = read_json(resolve_checkpoint(path) / "config.json")
+    cls = model_class(config if isinstance(config, dict) else {})
+    return cls.from_pretrained(path).to(device).eval()
+
+
+def _source(args, jet_config, split: str):
     """The ``split`` of ``--data`` (unreadable images refused, or skipped and counted)."""
     from jetblocks.integrations.torchdata import open_source
 
@@ -104,15 +135,7 @@ def cmd_train(args) -> None:
     from jetblocks.train import JetTask, Trainer
 
     env = init_distributed(str(_device(args)))
-    if args.config:
-        try:
-            jet_config = JetConfig.from_json(Path(args.config).read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as error:
-            raise ValueError(
-                f"--config {args.config} is not a JetConfig JSON file: {error}"
-            ) from None
-    else:
-        jet_config = JetConfig.preset(args.preset)
+    jet_config = model_config(args)
     if args.backprop is not None:
         jet_config = dataclasses.replace(jet_config, backprop=args.backprop)
     train_config = TrainConfig(
@@ -144,7 +167,7 @@ def cmd_train(args) -> None:
         return _loader(args, eval_source, args.eval_batch_size, env, False, epochs=1)
 
     trainer = Trainer(
-        Jet(jet_config),
+        model_class(jet_config.to_dict())(jet_config),
         JetTask(),
         train_config,
         model_config=jet_config.to_dict(),
@@ -155,8 +178,9 @@ def cmd_train(args) -> None:
     )
     if env.is_main:
         params = sum(p.numel() for p in trainer.model.parameters())
+        name = type(trainer.model).__name__
         print(
-            f"training Jet ({params:,} parameters) on {args.data} ({len(train_source):,} "
+            f"training {name} ({params:,} parameters) on {args.data} ({len(train_source):,} "
             f"training and {len(eval_source):,} held-out images) for {args.steps} steps "
             f"on {env.world_size} x {env.device}"
         )
@@ -174,7 +198,7 @@ def cmd_eval(args) -> None:
     from jetblocks.integrations.distributed import Distributed
 
     device = _device(args)
-    jet = load_jet(args.checkpoint, device)
+    jet = load_model(args.checkpoint, device)
     env = Distributed(device=torch.device(device))
     generator = torch.Generator(device).manual_seed(args.seed)
     total, count = 0.0, 0
@@ -192,7 +216,7 @@ def cmd_sample(args) -> None:
 
     out = _output_file(args.out, GRID_SUFFIXES)
     device = _device(args)
-    jet = load_jet(args.checkpoint, device)
+    jet = load_model(args.checkpoint, device)
     generator = torch.Generator(device).manual_seed(args.seed)
     with torch.no_grad():
         images = jet.sample(args.n, args.temperature, generator=generator)
@@ -206,7 +230,7 @@ def cmd_encode(args) -> None:
 
     out = _output_file(args.out, (".safetensors",))
     device = _device(args)
-    jet = load_jet(args.checkpoint, device)
+    jet = load_model(args.checkpoint, device)
     source = _source(args, jet.config, args.split)
     count = min(len(source), args.limit or len(source))
     parts: dict[str, list[torch.Tensor]] = {"tokens": [], "logdet": [], "label": []}
@@ -240,7 +264,7 @@ def cmd_decode(args) -> None:
     if not grid and out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; expected an image file name or a folder")
     device = _device(args)
-    jet = load_jet(args.checkpoint, device)
+    jet = load_model(args.checkpoint, device)
     token_file = Path(args.tokens)
     saved = read_tensors(token_file)
     tokens, cfg = saved.get("tokens"), jet.config
@@ -279,10 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--preset",
         default="mnist",
-        choices=sorted(PRESETS),
-        help="JetConfig preset (default: mnist)",
+        choices=sorted(PRESETS) + sorted(MULTISCALE_PRESETS),
+        help="a Jet preset, or a multi-scale flow's (*-multiscale; default: mnist)",
     )
-    model.add_argument("--config", help="a JetConfig JSON file instead of a preset")
+    model.add_argument(
+        "--config", help="a JetConfig (or MultiScaleConfig) JSON file instead of a preset"
+    )
     _data_arguments(train)
     _runtime_arguments(train)
     train.add_argument("--steps", type=positive_int, default=defaults.steps)

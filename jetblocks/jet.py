@@ -13,22 +13,11 @@ import dataclasses
 import itertools
 import json
 import math
-import os
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from jetblocks import rng
-from jetblocks.checkpoint import (
-    CorruptCheckpointError,
-    check_config,
-    load_model_weights,
-    read_json,
-    resolve_checkpoint,
-    save_model,
-)
 from jetblocks.couplings import (
     SPATIAL_PATTERNS,
     AffineCoupling,
@@ -36,15 +25,9 @@ from jetblocks.couplings import (
     SpatialSplit,
     spatial_halves,
 )
-from jetblocks.flow import Flow, FlowSequence, check_backprop
+from jetblocks.flow import FlowSequence, check_backprop
+from jetblocks.imageflow import ImageFlow, is_int
 from jetblocks.latents import patchify, unpatchify
-from jetblocks.likelihood import (
-    PIXEL_BIN,
-    bin_centers,
-    bits_per_dim,
-    dequantize,
-    standard_normal_log_prob,
-)
 from jetblocks.vit import ViTConditioner, check_attention_backend
 
 KINDS = ("channels", "spatial")
@@ -110,9 +93,9 @@ class JetConfig:
         positive = ("channels", "patch_size", "depth", "block_depth", "emb_dim", "num_heads")
         for name in positive:
             value = getattr(self, name)
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"JetConfig.{name} must be a positive int, got {value!r}")
-        if len(self.image_size) != 2 or not all(_is_int(s) and s >= 1 for s in self.image_size):
+        if len(self.image_size) != 2 or not all(is_int(s) and s >= 1 for s in self.image_size):
             raise ValueError(
                 f"JetConfig.image_size must be (H, W) with positive ints, got {self.image_size}"
             )
@@ -159,9 +142,9 @@ class JetConfig:
             or not (0 < scale < math.inf)
         ):
             raise ValueError(f"JetConfig.scale_factor must be positive and finite, got {scale!r}")
-        if not _is_int(self.seed) or not 0 <= self.seed < 2**64:
+        if not is_int(self.seed) or not 0 <= self.seed < 2**64:
             raise ValueError(f"JetConfig.seed must be an int in [0, 2**64), got {self.seed!r}")
-        if self.context_dim is not None and (not _is_int(self.context_dim) or self.context_dim < 1):
+        if self.context_dim is not None and (not is_int(self.context_dim) or self.context_dim < 1):
             raise ValueError(
                 f"JetConfig.context_dim must be None or a positive int, got {self.context_dim!r}"
             )
@@ -223,7 +206,7 @@ class JetConfig:
         return cls.from_dict(json.loads(text))
 
 
-class Jet(Flow):
+class Jet(ImageFlow):
     """The Jet flow: ``images -> (tokens, logdet)`` and ``inverse: tokens -> (images, logdet)``.
 
     Channel permutations are drawn from ``config.seed`` (saved as buffers); weights use
@@ -233,6 +216,8 @@ class Jet(Flow):
     backward pass, see :mod:`jetblocks.memory`); it can be changed on a built model through
     ``jet.couplings.backprop``.
     """
+
+    config_class = JetConfig
 
     def __init__(self, config: JetConfig) -> None:
         super().__init__()
@@ -262,6 +247,11 @@ class Jet(Flow):
             couplings.append(AffineCoupling(split, conditioner, config.scale_factor))
         self.couplings = FlowSequence(couplings, backprop=config.backprop)
 
+    @property
+    def latent_shape(self) -> tuple[int, int]:
+        """``(N, D)``: tokens per image and dims per token."""
+        return self.config.num_tokens, self.config.token_dim
+
     # -- the flow ---------------------------------------------------------------------------
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Images ``[B, C, H, W]`` to tokens ``[B, N, D]``: the raw bijection, defined on all
@@ -276,160 +266,6 @@ class Jet(Flow):
         self._check(y, "tokens", (cfg.num_tokens, cfg.token_dim), "[B, N, D]")
         x, logdet = self.couplings.inverse(y, context)
         return unpatchify(x, cfg.patch_size, cfg.grid), logdet
-
-    # -- the latent API ------------------------------------------------------------------------
-    def encode(
-        self,
-        images: Tensor,
-        context: Tensor | None = None,
-        *,
-        noise: bool = False,
-        generator: rng.Generator = None,
-    ) -> tuple[Tensor, Tensor]:
-        """Images to soft tokens: ``(tokens [B, N, D], logdet [B])``.
-
-        uint8 pixels ``k`` go to the centre of their bin, ``(k + 0.5) / 127.5 - 1``, so
-        ``to_uint8(decode(encode(pixels))) == pixels`` holds whenever the flow's round-trip
-        error is below half a bin; with ``noise=True`` they get uniform dequantization noise
-        from ``generator`` instead (what :meth:`log_prob` and :meth:`bits_per_dim` use).
-        Float images must already lie in ``[-1, 1 + 1/127.5]``.
-        """
-        return self(self._to_unit(images, noise, generator), _checked_context(context))
-
-    def decode(self, tokens: Tensor, context: Tensor | None = None) -> Tensor:
-        """Soft tokens back to float images (``jetblocks.to_uint8`` turns them into pixels)."""
-        _check_finite(tokens, "tokens")
-        return self.inverse(tokens, _checked_context(context))[0]
-
-    def sample(
-        self,
-        n: int,
-        temperature: float = 1.0,
-        context: Tensor | None = None,
-        *,
-        generator: rng.Generator = None,
-    ) -> Tensor:
-        """``n`` images decoded from ``z ~ N(0, temperature^2 I)``."""
-        if not _is_int(n) or n < 0:
-            raise ValueError(f"sample: n must be an int >= 0, got {n!r}")
-        if (
-            isinstance(temperature, bool)
-            or not isinstance(temperature, (int, float))
-            or not (0 <= temperature < math.inf)
-        ):
-            raise ValueError(
-                f"sample: temperature must be a finite number >= 0, got {temperature!r}"
-            )
-        cfg, weight = self.config, next(self.parameters())
-        z = rng.randn((n, cfg.num_tokens, cfg.token_dim), generator=generator, like=weight)
-        return self.decode(temperature * z, context)
-
-    def log_prob(
-        self,
-        images: Tensor,
-        context: Tensor | None = None,
-        *,
-        generator: rng.Generator = None,
-    ) -> Tensor:
-        """Log-density ``[B]`` (nats) of the uniformly dequantized images in ``[-1, 1]`` units."""
-        z, logdet = self.encode(images, context, noise=True, generator=generator)
-        return standard_normal_log_prob(z) + logdet
-
-    def bits_per_dim(
-        self,
-        images: Tensor,
-        context: Tensor | None = None,
-        *,
-        generator: rng.Generator = None,
-    ) -> Tensor:
-        """Bits per dimension ``[B]`` (uint8 input is uniformly dequantized first)."""
-        return bits_per_dim(*self.encode(images, context, noise=True, generator=generator))
-
-    # -- checkpoints -------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` into ``directory``, atomically."""
-        return save_model(self, self.config.to_dict(), directory)
-
-    @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, config: JetConfig | None = None) -> Jet:
-        """A Jet from :meth:`save_pretrained`'s directory, a training checkpoint, or a training
-        run's directory (its newest checkpoint), on the CPU; move it afterwards.
-
-        With ``config`` given, the Jet is built from it (so runtime settings such as
-        ``attention_backend`` may differ from the saved ones) and a checkpoint made for
-        another architecture is refused with a message naming every mismatched field.
-        """
-        directory = resolve_checkpoint(directory)
-        if config is None:
-            saved = read_json(directory / "config.json")
-            try:
-                config = JetConfig.from_dict(saved)
-            except (TypeError, ValueError) as error:
-                raise CorruptCheckpointError(
-                    f"{directory}/config.json is not a valid JetConfig: {error}"
-                ) from None
-        check_config(config.to_dict(), directory)
-        jet = cls(config)
-        load_model_weights(jet, directory)
-        return jet
-
-    def _check(self, x: Tensor, what: str, event_shape: tuple[int, ...], layout: str) -> None:
-        """Refuse a tensor of the wrong rank, shape or dtype (metadata only: no device sync)."""
-        _check_shape(x, what, event_shape, layout)
-        dtype = next(self.parameters()).dtype
-        if not x.is_floating_point():
-            raise ValueError(f"{what} must be a floating-point tensor, got {x.dtype}")
-        if x.dtype != dtype:
-            raise ValueError(
-                f"{what} must be a floating-point tensor of this Jet's dtype {dtype}, got "
-                f"{x.dtype}; convert the input (.to({dtype})) or the model (jet.to(dtype))"
-            )
-
-    def _to_unit(self, images: Tensor, noise: bool, generator: rng.Generator) -> Tensor:
-        cfg = self.config
-        _check_shape(images, "images", (cfg.channels, *cfg.image_size), "[B, C, H, W]")
-        dtype = next(self.parameters()).dtype
-        if images.dtype == torch.uint8:
-            if noise:
-                return dequantize(images, generator=generator).to(dtype)
-            if generator is not None:
-                raise ValueError("encode: a generator is only used with noise=True")
-            return bin_centers(images).to(dtype)
-        if not images.is_floating_point():
-            raise ValueError(f"images must be a uint8 or floating-point tensor, got {images.dtype}")
-        _check_finite(images, "images")
-        if images.numel() and not torch.compiler.is_compiling():
-            low, high = images.min().item(), images.max().item()
-            if low < -1.0 or high > 1.0 + PIXEL_BIN:
-                raise ValueError(
-                    f"float images must lie in [-1, 1] (+{PIXEL_BIN:.4f} of dequantization), "
-                    f"got values in [{low:.4g}, {high:.4g}]; pass uint8 pixels or rescale"
-                )
-        return images
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_shape(x: Tensor, what: str, event_shape: tuple[int, ...], layout: str) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != len(event_shape) + 1 or tuple(x.shape[1:]) != event_shape:
-        expected = ", ".join(map(str, event_shape))
-        raise ValueError(f"{what} must have shape {layout} = [B, {expected}], got {list(x.shape)}")
-
-
-def _check_finite(x: Tensor, what: str) -> None:
-    """Refuse NaN or inf at a public entry point (one device sync; skipped when compiling)."""
-    if isinstance(x, Tensor) and not torch.compiler.is_compiling() and not torch.isfinite(x).all():
-        raise ValueError(f"{what} contain non-finite values (NaN or inf)")
-
-
-def _checked_context(context: Tensor | None) -> Tensor | None:
-    if context is not None:
-        _check_finite(context, "context")
-    return context
 
 
 __all__ = ["PRESETS", "Jet", "JetConfig"]

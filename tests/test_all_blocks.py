@@ -23,6 +23,14 @@ from jetblocks import (
     ViTConditioner,
 )
 from jetblocks.couplings import SPATIAL_PATTERNS
+from jetblocks.multiscale import (
+    ConvConditioner,
+    FactorOut,
+    Logit,
+    MultiScaleConfig,
+    MultiScaleFlow,
+    Repatchify,
+)
 from jetblocks.testing import CheckOptions, FlowCase, parametrize_flows
 
 GRID, DIM = (2, 4), 4  # tokens [B, 8, 4]: every spatial pattern halves a 2x4 grid
@@ -62,6 +70,27 @@ def small_jet(context_dim: int | None = None) -> Jet:
     return Jet(config)
 
 
+def conv_coupling(grid=GRID, dim=DIM, seed=0) -> AffineCoupling:
+    return AffineCoupling(ChannelSplit(dim, seed), ConvConditioner(grid, dim // 2, dim, 8, 1))
+
+
+def factor_out() -> FactorOut:
+    """Couplings on the first 2 of 4 dims of tokens on a 2x4 grid, repatchified to 1x2."""
+    squeeze = Repatchify(GRID, 2)
+    inner = [squeeze, conv_coupling((1, 2), 8, seed=1), Inverse(squeeze)]
+    return FactorOut(FlowSequence([conv_coupling(GRID, 2), *inner]), keep=2)
+
+
+def small_multiscale() -> MultiScaleFlow:
+    """Two scales on 1x8x8 images: 4x4x4 tokens, then 2x2x8 after factoring out half."""
+    config = MultiScaleConfig(image_size=(8, 8), channels=1, patch_size=2, scales=2,
+                              couplings_per_scale=2, width=8, blocks=1)  # fmt: skip
+    return MultiScaleFlow(config)
+
+
+IN_RANGE = CheckOptions(bound=0.9)  # the logit is defined on the pixel range only
+
+
 BLOCKS = [
     FlowCase("channel_split", partial(ChannelSplit, DIM, seed=0), TOKENS),
     *(
@@ -82,6 +111,17 @@ BLOCKS = [
     FlowCase("jet_float32", small_jet, (3, 4, 4), options=CheckOptions(dtype=torch.float32)),
     FlowCase(
         "jet_context", partial(small_jet, 3), (3, 4, 4), CONTEXT, CheckOptions(max_examples=10)
+    ),
+    FlowCase("logit", Logit, TOKENS, options=IN_RANGE),
+    FlowCase("repatchify", partial(Repatchify, GRID, DIM), TOKENS),
+    FlowCase("affine_coupling_conv", conv_coupling, TOKENS),
+    FlowCase("factor_out", factor_out, TOKENS),
+    FlowCase("multiscale_flow", small_multiscale, (1, 8, 8), options=IN_RANGE),
+    FlowCase(
+        "multiscale_flow_float32",
+        small_multiscale,
+        (1, 8, 8),
+        options=CheckOptions(bound=0.9, dtype=torch.float32),
     ),
 ]
 

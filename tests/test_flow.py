@@ -118,8 +118,11 @@ def test_the_package_layers_point_down_and_have_no_import_cycle():
         return {name for name in found if name in modules}
 
     graph = {name: imports(path) - {name} for name, path in modules.items()}
-    maths = {f"jetblocks.{m}" for m in ("flow", "couplings", "vit", "jet", "latents", "rng",
-             "likelihood", "memory", "heads", "jetformer", "checkpoint", "extras")}  # fmt: skip
+    maths = {
+        f"jetblocks.{m}"
+        for m in ("flow", "couplings", "vit", "jet", "latents", "rng", "imageflow", "multiscale",
+                  "likelihood", "memory", "heads", "jetformer", "checkpoint", "extras")
+    }  # fmt: skip
     upper = ("jetblocks.integrations", "jetblocks.train", "jetblocks.cli", "jetblocks.testing")
     for name in maths:
         assert not {i for i in graph[name] if i.startswith(upper)}, (name, graph[name])

@@ -481,7 +481,7 @@ def test_a_config_file_that_is_not_json_is_named(tmp_path, capsys):
     (tmp_path / "jet.yaml").write_text("depth: 4\n")
     assert main(["train", "--config", str(tmp_path / "jet.yaml"), *TRAIN, "--out",
                  str(tmp_path / "run")]) == 2  # fmt: skip
-    assert f"--config {tmp_path / 'jet.yaml'} is not a JetConfig JSON file" in error_line(capsys)
+    assert f"--config {tmp_path / 'jet.yaml'} is not a model config JSON file" in error_line(capsys)
 
 
 def test_the_adversarial_catalogue_runs_in_smoke_mode(tmp_path):

@@ -1,0 +1,350 @@
+"""Blocks for multi-scale flows, and :class:`MultiScaleFlow`, composed from public blocks only.
+
+The blocks follow the flow contract on tokens ``[B, N, D]`` (see :mod:`jetblocks.latents`):
+
+- :class:`Logit`: ``y = logit(a + (1 - 2a) t)`` elementwise, ``t`` the pixel value rescaled
+  from ``[-1, 1 + 1/127.5]`` to ``[0, 1]``; it spreads the bounded pixel range over the
+  real line, as RealNVP and Glow do before their first coupling.
+- :class:`Repatchify`: a change of token resolution (a "squeeze"): tokens on an ``h x w``
+  grid with ``D`` dims become tokens on an ``h/f x w/f`` grid with ``f*f*D`` dims.
+- :class:`FactorOut`: a flow on the first ``keep`` dims of every token; the other dims leave
+  the flow at this point and go straight to the standard-normal prior of the output.
+- :class:`ConvConditioner`: a residual conv net over the token grid, an
+  :class:`~jetblocks.AffineCoupling` conditioner that is cheaper than a ViT on small grids.
+
+:class:`MultiScaleFlow` composes them (RealNVP's multi-scale architecture with Jet's
+couplings): after ``couplings_per_scale`` couplings, half of every token's dims are factored
+out and the rest is repatchified to half the resolution for the next scale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+import einops
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from jetblocks.couplings import AffineCoupling, ChannelSplit
+from jetblocks.flow import Flow, FlowSequence, Inverse, check_backprop, logdet_dtype
+from jetblocks.imageflow import ImageFlow, is_int
+from jetblocks.latents import merge_tokens, patchify, split_tokens, unpatchify
+from jetblocks.likelihood import PIXEL_BIN
+
+
+class Logit(Flow):
+    """``y = log(u) - log(1 - u)`` with ``u = a + (1 - 2a) (x - low) / (high - low)``.
+
+    Defined for ``x`` in ``[low, high]`` (default: the dequantized pixel range
+    ``[-1, 1 + 1/127.5]``); per element ``log|dy/dx| = log((1 - 2a) / (high - low)) -
+    log(u) - log(1 - u)``. ``alpha = a`` keeps the ends finite.
+    """
+
+    def __init__(self, alpha: float = 1e-3, low: float = -1.0, high: float = 1.0 + PIXEL_BIN):
+        super().__init__()
+        if not 0 < alpha < 0.5 or not low < high:
+            raise ValueError(
+                f"Logit needs 0 < alpha < 0.5 and low < high, got {alpha}, {low}, {high}"
+            )
+        self.alpha, self.low, self.high = float(alpha), float(low), float(high)
+
+    def _log_slope(self, y: Tensor) -> Tensor:
+        """``log|dy/dx|`` summed per example, from ``y`` (``log u = -softplus(-y)``,
+        ``log(1 - u) = -softplus(y)``: finite wherever ``y`` is)."""
+        scale = math.log((1 - 2 * self.alpha) / (self.high - self.low))
+        return (scale + F.softplus(-y) + F.softplus(y)).flatten(1).sum(1)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        t = (x.to(logdet_dtype(x)) - self.low) / (self.high - self.low)
+        u = self.alpha + (1 - 2 * self.alpha) * t
+        y = torch.log(u) - torch.log1p(-u)
+        return y.to(x.dtype), self._log_slope(y)
+
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        wide = y.to(logdet_dtype(y))
+        t = (torch.sigmoid(wide) - self.alpha) / (1 - 2 * self.alpha)
+        x = self.low + t * (self.high - self.low)
+        return x.to(y.dtype), -self._log_slope(wide)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, low={self.low}, high={self.high}"
+
+
+class Repatchify(Flow):
+    """Tokens ``[B, h*w, D]`` on an ``h x w`` grid -> ``[B, (h/f)(w/f), f*f*D]``.
+
+    Each ``f x f`` block of neighbouring tokens becomes one token, dims ordered (row in the
+    block, column in the block, token dim): a volume-preserving permutation.
+    """
+
+    def __init__(self, grid: tuple[int, int], dim: int, factor: int = 2) -> None:
+        super().__init__()
+        if grid[0] % factor or grid[1] % factor:
+            raise ValueError(f"Repatchify: grid {tuple(grid)} is not divisible by {factor}")
+        self.grid, self.dim, self.factor = tuple(grid), dim, factor
+
+    @property
+    def output_grid(self) -> tuple[int, int]:
+        return self.grid[0] // self.factor, self.grid[1] // self.factor
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        _check_grid_tokens(x, self.grid, self.dim, "Repatchify")
+        h, w = self.output_grid
+        y = einops.rearrange(x, "b (h p w q) c -> b (h w) (p q c)", h=h, w=w, p=self.factor)
+        return y, x.new_zeros(len(x), dtype=logdet_dtype(x))
+
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        _check_grid_tokens(y, self.output_grid, self.dim * self.factor**2, "Repatchify.inverse")
+        h, w = self.output_grid
+        x = einops.rearrange(
+            y, "b (h w) (p q c) -> b (h p w q) c", h=h, w=w, p=self.factor, q=self.factor
+        )
+        return x, y.new_zeros(len(y), dtype=logdet_dtype(y))
+
+    def extra_repr(self) -> str:
+        return f"grid={self.grid}, dim={self.dim}, factor={self.factor}"
+
+
+class FactorOut(Flow):
+    """``flow`` on the first ``keep`` dims of every token; the rest pass unchanged.
+
+    The passed dims leave the flow here: nothing after this block transforms them, so their
+    log-density is the prior's (a standard normal on the output, as for every output dim).
+    ``flow`` maps ``[B, N, keep]`` to the same shape (it may change shape inside).
+    """
+
+    def __init__(self, flow: Flow, keep: int) -> None:
+        super().__init__()
+        self.flow, self.keep = flow, keep
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        kept, rest = split_tokens(x, self.keep)
+        y, logdet = self.flow(kept, context)
+        return merge_tokens(y, rest), logdet
+
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        kept, rest = split_tokens(y, self.keep)
+        x, logdet = self.flow.inverse(kept, context)
+        return merge_tokens(x, rest), logdet
+
+    def extra_repr(self) -> str:
+        return f"keep={self.keep}"
+
+
+class ConvConditioner(nn.Module):
+    """``[B, h*w, d_in] -> [B, h*w, d_out]``: 3x3 conv in, ``blocks`` residual blocks
+    (GELU, 3x3 conv, GELU, 3x3 conv), GELU, a zero-initialised 3x3 conv out (so the coupling
+    it drives starts as the identity)."""
+
+    def __init__(self, grid: tuple[int, int], d_in: int, d_out: int, width: int, blocks: int):
+        super().__init__()
+        self.grid = tuple(grid)
+        self.stem = nn.Conv2d(d_in, width, 3, padding=1)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(
+                nn.GELU(),
+                nn.Conv2d(width, width, 3, padding=1),
+                nn.GELU(),
+                nn.Conv2d(width, width, 3, padding=1),
+            )
+            for _ in range(blocks)
+        )
+        self.head = nn.Conv2d(width, d_out, 3, padding=1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.stem(einops.rearrange(x, "b (h w) c -> b c h w", h=self.grid[0]))
+        for block in self.blocks:
+            h = h + block(h)
+        out = self.head(F.gelu(h))
+        return einops.rearrange(out, "b c h w -> b (h w) c")
+
+
+def _check_grid_tokens(x: Tensor, grid: tuple[int, int], dim: int, who: str) -> None:
+    expected = (grid[0] * grid[1], dim)
+    if x.dim() != 3 or tuple(x.shape[1:]) != expected:
+        raise ValueError(
+            f"{who} expects tokens [B, {expected[0]}, {expected[1]}] on a {grid[0]}x{grid[1]} "
+            f"grid, got {list(x.shape)}"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiScaleConfig:
+    """A multi-scale flow: patchify, logit, then ``scales`` stages of couplings where each
+    stage but the last factors out half of every token's dims and repatchifies the rest to
+    half the resolution (when the grid is even)."""
+
+    image_size: tuple[int, int] = (28, 28)
+    channels: int = 1
+    patch_size: int = 2
+    scales: int = 3
+    couplings_per_scale: int = 4
+    width: int = 64
+    blocks: int = 1
+    scale_factor: float = 2.0
+    logit_alpha: float = 1e-3
+    seed: int = 0
+    backprop: str = "standard"  # see jetblocks.flow.FlowSequence
+    model: str = "multiscale"  # names the model class in a saved config.json
+
+    def __post_init__(self) -> None:
+        size = self.image_size
+        object.__setattr__(self, "image_size", (size, size) if is_int(size) else tuple(size))
+        for name in ("channels", "patch_size", "scales", "couplings_per_scale", "width"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise ValueError(
+                    f"MultiScaleConfig.{name} must be a positive int, got {getattr(self, name)!r}"
+                )
+        if not is_int(self.blocks) or self.blocks < 0:
+            raise ValueError(f"MultiScaleConfig.blocks must be an int >= 0, got {self.blocks!r}")
+        if len(self.image_size) != 2 or any(s % self.patch_size for s in self.image_size):
+            raise ValueError(
+                f"MultiScaleConfig: image_size {self.image_size} must be (H, W), "
+                f"divisible by patch_size {self.patch_size}"
+            )
+        if not 0 < self.scale_factor < math.inf:
+            raise ValueError(
+                f"MultiScaleConfig.scale_factor must be positive and finite, got "
+                f"{self.scale_factor}"
+            )
+        if self.model != "multiscale":
+            raise ValueError(f"MultiScaleConfig.model must be 'multiscale', got {self.model!r}")
+        check_backprop(self.backprop)
+        dim = self.token_dim
+        for scale in range(self.scales):
+            if dim % 2 or (scale < self.scales - 1 and dim < 2):
+                raise ValueError(
+                    f"MultiScaleConfig: scale {scale + 1} has tokens of odd dim "
+                    f"{dim}; use fewer scales or another patch_size"
+                )
+            dim = dim // 2 * (4 if self._halves(scale) else 1)
+
+    def _halves(self, scale: int) -> bool:
+        """Whether the grid is repatchified after ``scale`` (not the last, grid even)."""
+        grid = self.grid_at(scale)
+        return scale < self.scales - 1 and grid[0] % 2 == 0 and grid[1] % 2 == 0
+
+    def grid_at(self, scale: int) -> tuple[int, int]:
+        h, w = self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size
+        for earlier in range(scale):
+            if self._halves(earlier):
+                h, w = h // 2, w // 2
+        return h, w
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.grid_at(0)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def token_dim(self) -> int:
+        return self.patch_size**2 * self.channels
+
+    @property
+    def num_dims(self) -> int:
+        return self.channels * self.image_size[0] * self.image_size[1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> MultiScaleConfig:
+        unknown = set(values) - {field.name for field in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown MultiScaleConfig fields: {sorted(unknown)}")
+        return cls(**values)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> MultiScaleConfig:
+        if name not in MULTISCALE_PRESETS:
+            raise ValueError(
+                f"unknown MultiScaleConfig preset {name!r}; expected one of "
+                f"{list(MULTISCALE_PRESETS)}"
+            )
+        return cls(**{**MULTISCALE_PRESETS[name], **overrides})
+
+
+MULTISCALE_PRESETS: dict[str, dict[str, Any]] = {
+    # 28x28 grayscale: 14x14x4 -> 7x7x8 -> 7x7x4 tokens over three scales.
+    "mnist-multiscale": dict(image_size=(28, 28), channels=1, patch_size=2, scales=3),
+    # 32x32 RGB: 16x16x12 -> 8x8x24 -> 4x4x48.
+    "photo-multiscale": dict(image_size=(32, 32), channels=3, patch_size=2, scales=3),
+}
+
+
+class MultiScaleFlow(ImageFlow):
+    """Images -> tokens ``[B, N, D]`` (``N``, ``D`` of the first scale) through
+    ``Logit`` and the scales of couplings (see :class:`MultiScaleConfig`); standard-normal
+    prior on every output dim. The latent API, checkpoints and training are Jet's."""
+
+    config_class = MultiScaleConfig
+
+    def __init__(self, config: MultiScaleConfig) -> None:
+        super().__init__()
+        self.config = config
+        count = config.scales * config.couplings_per_scale
+        generator = torch.Generator().manual_seed(config.seed)
+        seeds = iter(torch.randint(2**62, (count,), generator=generator).tolist())
+        scales = self._scale(0, config.token_dim, seeds)
+        self.flow = FlowSequence([Logit(config.logit_alpha), scales], backprop=config.backprop)
+
+    def _scale(self, scale: int, dim: int, seeds) -> Flow:
+        """The couplings of ``scale`` on ``dim``-dim tokens, then the later scales on half."""
+        cfg, grid = self.config, self.config.grid_at(scale)
+        couplings: list[Flow] = [
+            AffineCoupling(
+                ChannelSplit(dim, seed=next(seeds)),
+                ConvConditioner(grid, dim // 2, dim, cfg.width, cfg.blocks),
+                cfg.scale_factor,
+            )
+            for _ in range(cfg.couplings_per_scale)
+        ]
+        if scale < cfg.scales - 1:
+            keep = dim // 2
+            if cfg._halves(scale):
+                squeeze = Repatchify(grid, keep)
+                later = self._scale(scale + 1, 4 * keep, seeds)
+                inner = FlowSequence([squeeze, later, Inverse(squeeze)])
+            else:
+                inner = self._scale(scale + 1, keep, seeds)
+            couplings.append(FactorOut(inner, keep))
+        return FlowSequence(couplings)
+
+    @property
+    def latent_shape(self) -> tuple[int, int]:
+        return self.config.num_tokens, self.config.token_dim
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Images ``[B, C, H, W]`` (values in the dequantized pixel range) to tokens."""
+        cfg = self.config
+        self._check(x, "images", (cfg.channels, *cfg.image_size), "[B, C, H, W]")
+        return self.flow(patchify(x, cfg.patch_size), context)
+
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        cfg = self.config
+        self._check(y, "tokens", (cfg.num_tokens, cfg.token_dim), "[B, N, D]")
+        x, logdet = self.flow.inverse(y, context)
+        return unpatchify(x, cfg.patch_size, cfg.grid), logdet
+
+
+__all__ = [
+    "MULTISCALE_PRESETS",
+    "ConvConditioner",
+    "FactorOut",
+    "Logit",
+    "MultiScaleConfig",
+    "MultiScaleFlow",
+    "Repatchify",
+]
