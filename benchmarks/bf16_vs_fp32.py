@@ -7,6 +7,7 @@ float32). Evaluation is in float32 for both, so the difference is what training 
 did to the model. Wall time per run is recorded; run it on an idle machine.
 
     python benchmarks/bf16_vs_fp32.py --steps 600 --out benchmarks/results/bf16_vs_fp32.json
+    python benchmarks/bf16_vs_fp32.py --smoke --out /tmp/bf16.json  # seconds: 2 couplings, 3 steps
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import os
 import tempfile
 import time
 
-from bpd_vs_time import mnist_trainer, write_report
+from bpd_vs_time import mnist_trainer, preset_config
+from throughput import parse_args, write_report
 
 from jetblocks.train import TrainConfig
 
@@ -28,7 +30,7 @@ def train_and_evaluate(bf16: bool, args: argparse.Namespace) -> dict:
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, bf16=bf16, progress=False
     )
     with tempfile.TemporaryDirectory() as out_dir:
-        trainer = mnist_trainer(args.preset, config, out_dir)
+        trainer = mnist_trainer(preset_config(args), config, out_dir)
         batches, started = iter(trainer.train_loader), time.perf_counter()
         losses = [float(trainer.train_step(batches)) for _ in range(args.steps)]
         seconds = time.perf_counter() - started
@@ -46,11 +48,12 @@ def train_and_evaluate(bf16: bool, args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="mnist")
+    parser.add_argument("--depth", type=int, help="couplings (default: the preset's)")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--out", default="benchmarks/results/bf16_vs_fp32.json")
-    args = parser.parse_args()
+    smoke = dict(depth=2, steps=3, batch_size=16)
+    args = parse_args(parser, "benchmarks/results/bf16_vs_fp32.json", smoke)
 
     load_before = os.getloadavg()
     runs = []
@@ -64,6 +67,7 @@ def main() -> None:
         {
             "benchmark": "bf16_vs_fp32",
             "preset": args.preset,
+            "config": preset_config(args).to_dict(),
             "steps": args.steps,
             "batch_size": args.batch_size,
             "lr": args.lr,

@@ -24,24 +24,23 @@ The ratios printed at the end are depth 32 over depth 8 for each mode (target fo
 
     python benchmarks/memory.py
     python benchmarks/memory.py --config B --batch-size 16 --depths 8 16
+    python benchmarks/memory.py --smoke --out /tmp/memory.json   # seconds: a tiny Jet, depths 2, 4
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import config_named, machine, setup, training_step
+from throughput import config_named, parse_args, setup, time_calls, training_step, write_report
 
 MODES = ("standard", "checkpoint", "invertible")
 MB = 2**20
@@ -76,14 +75,7 @@ def measure(config, batch: int, device: str, seconds: float) -> dict[str, float]
         step_peak = torch.cuda.max_memory_allocated() - before
     else:
         step_peak = cpu_step_peak(step)
-    times = []
-    started = time.perf_counter()
-    while len(times) < 3 or time.perf_counter() - started < seconds:
-        begin = time.perf_counter()
-        step()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - begin)
+    times = time_calls(step, seconds, warmup=0)
     params = sum(p.numel() for p in jet.parameters())
     gradients = sum(p.numel() * p.element_size() for p in jet.parameters() if p.requires_grad)
     return {
@@ -105,8 +97,8 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=list(MODES))
     parser.add_argument("--seconds", type=float, default=2.0, help="timing per measurement")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default="benchmarks/results/memory.json")
-    args = parser.parse_args()
+    smoke = dict(config="smoke", batch_size=4, depths=[2, 4], seconds=0.05)
+    args = parse_args(parser, "benchmarks/results/memory.json", smoke)
 
     load_before = os.getloadavg()
     results = []
@@ -137,23 +129,19 @@ def main() -> None:
                 if (depth, "standard") in by and (depth, mode) in by
             }
         summary[mode] = entry
-        print(f"{mode:>10}: {json.dumps(entry)}")
+        print(f"{mode:>10}: {entry}")
     report = {
         "benchmark": "memory",
-        "machine": machine(),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "config": dataclasses.asdict(config_named(args.config)),
         "method": "CPU: torch.profiler(profile_memory=True) allocator events, peak of the "
         "running sum of allocation sizes over one training step, above the memory held "
         "before it; GPU: torch.cuda.max_memory_allocated() - memory_allocated() before",
         "load_average_before": load_before,
-        "load_average_after": os.getloadavg(),
         "results": results,
         "summary": summary,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ FLOPs over the median time, as a fraction of the machine's matmul peak, which th
 measures itself, fp32 and bf16 (the best of several large square ``torch.mm`` products).
 
 Named configurations: ``A`` and ``B`` (the reference measurements below, JAX 0.6.0 / Flax
-0.10.6 on an idle 2-core machine of this kind, fp32) and every ``JetConfig`` preset name.
+0.10.6 on an idle 2-core machine of this kind, fp32), ``smoke`` (a tiny Jet for ``--smoke``)
+and every ``JetConfig`` preset name.
 Attention runs on the ``"auto"`` backend by default (SDPA in fp32, the matmul path in bf16
 on the CPU). ``--profile`` adds torch.profiler's top ops of each training step to the JSON;
 ``--fused-optimizer`` runs the reference AdamW update with torch's fused kernel. Each row
@@ -27,9 +28,18 @@ or worse whenever another process holds one of the two cores; ``OMP_WAIT_POLICY=
 avoids that but made an idle machine's training step up to 1.5x slower, so the default is
 kept (the value in effect is written to the JSON).
 The first compiled run spends minutes compiling (Inductor caches the result on disk).
+``--smoke`` checks in seconds that the script works: the ``smoke`` config at batch 4, bf16
+(autocast), every op eager and compiled, with the ``aot_eager`` backend (Dynamo and
+AOTAutograd trace the graphs Inductor would get, but run them eagerly; a cold Inductor
+compile takes most of a minute even for the tiny model).
+
+This module also holds what the other benchmarks share: the machine's description and
+matmul peak, the timing loop, the model set-up and training step, the ``--smoke``/``--out``
+arguments and the JSON report.
 
     python benchmarks/throughput.py                      # A and B, fp32 + bf16, eager + compiled
     python benchmarks/throughput.py --configs A --precisions bf16 --modes eager
+    python benchmarks/throughput.py --smoke --out /tmp/throughput.json
 """
 
 from __future__ import annotations
@@ -49,6 +59,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from jetblocks import Jet, JetConfig
+from jetblocks.checkpoint import atomic_file
 from jetblocks.jet import PRESETS
 from jetblocks.likelihood import bits_per_dim
 from jetblocks.testing import perturb_parameters_
@@ -61,6 +72,8 @@ CONFIGS: dict[str, JetConfig] = {
                    emb_dim=128, num_heads=4, kinds=_FIVE_KINDS, spatial_patterns=_SIX),
     "B": JetConfig(image_size=(32, 32), channels=3, patch_size=4, depth=16, block_depth=2,
                    emb_dim=256, num_heads=4, kinds=_FIVE_KINDS, spatial_patterns=_SIX),
+    "smoke": JetConfig(image_size=(8, 8), channels=3, patch_size=2, depth=2, block_depth=1,
+                       emb_dim=16, num_heads=2, kinds=("channels", "spatial")),
 }  # fmt: skip
 DEFAULT_BATCH = {"A": 32, "B": 32}
 # Images/s of the authors' JAX reference at batch 32, fp32 (see the module docstring).
@@ -81,14 +94,49 @@ def config_named(name: str, **overrides) -> JetConfig:
     raise SystemExit(f"unknown config {name!r}; expected one of {[*CONFIGS, *PRESETS]}")
 
 
+# -- the command line and the report ------------------------------------------------------------
+def parse_args(
+    parser: argparse.ArgumentParser, out: str, smoke: dict[str, object], argv=None
+) -> argparse.Namespace:
+    """``parser``'s arguments plus ``--smoke`` and ``--out``.
+
+    ``--smoke`` swaps in the defaults ``smoke`` (tiny settings that run in seconds, to check
+    that the script works; flags given explicitly still win) and needs an ``--out`` of its
+    own, so that it never overwrites a real result; ``out`` is the default otherwise.
+    """
+    parser.add_argument("--smoke", action="store_true", help="seconds-long check of the script")
+    parser.add_argument("--out", help=f"the JSON report (default {out}; required with --smoke)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        if args.out is None:
+            parser.error("--smoke needs --out (smoke numbers do not belong in benchmarks/results)")
+        parser.set_defaults(**smoke)
+        args = parser.parse_args(argv)
+    args.out = args.out or out
+    return args
+
+
+def write_report(path: str, report: dict) -> None:
+    """``report`` with the machine's description and load average, written atomically as JSON."""
+    report = {**report, "machine": machine(), "load_average_after": os.getloadavg()}
+    with atomic_file(path) as staging:
+        staging.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
 # -- the machine -------------------------------------------------------------------------------
-def matmul_peak(dtype: torch.dtype, seconds: float = 1.0) -> dict[str, float]:
-    """Best GFLOP/s of ``torch.mm`` over square sizes (``2 n^3`` FLOPs per product)."""
+def matmul_peak(
+    dtype: torch.dtype, device: str, seconds: float = 1.0, sizes: list[int] | None = None
+) -> dict[str, float]:
+    """Best GFLOP/s of ``torch.mm`` on ``device`` over square sizes (``2 n^3`` FLOPs each);
+    by default 1024-3072 on a CPU and 4096-16384 on a GPU."""
+    sizes = sizes or ((1024, 2048, 3072) if device == "cpu" else (4096, 8192, 16384))
     best = {}
-    for n in (1024, 2048, 3072):
-        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-        times = _repeat(lambda a=a, b=b: torch.mm(a, b), seconds, warmup=1)
+    for n in sizes:
+        a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+        times = time_calls(lambda a=a, b=b: torch.mm(a, b), seconds, warmup=1)
         best[str(n)] = 2 * n**3 / min(times) / 1e9
+        del a, b
     return {"gflops": max(best.values()), "by_size": best}
 
 
@@ -110,24 +158,42 @@ def machine() -> dict[str, object]:
 
 
 # -- timing --------------------------------------------------------------------------------------
-def _sync() -> None:
+def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
 
-def _repeat(fn: Callable[[], object], seconds: float, warmup: int = 2, min_runs: int = 3):
+def time_calls(fn: Callable[[], object], seconds: float, warmup: int = 2, min_runs: int = 3):
     """Seconds per call of ``fn``, called until ``seconds`` have passed (``min_runs`` at least)."""
     for _ in range(warmup):
         fn()
-    _sync()
+    sync()
     times: list[float] = []
     started = time.perf_counter()
     while len(times) < min_runs or time.perf_counter() - started < seconds:
         begin = time.perf_counter()
         fn()
-        _sync()
+        sync()
         times.append(time.perf_counter() - begin)
     return times
+
+
+def measure(fn: Callable[[], object], batch: int, seconds: float) -> dict[str, float]:
+    """Images/s of ``fn`` on ``batch`` images: its first call (which compiles, when compiled)
+    timed on its own, then :func:`time_calls` for ``seconds``."""
+    started = time.perf_counter()
+    fn()
+    sync()
+    first = time.perf_counter() - started
+    times = time_calls(fn, seconds, warmup=1)
+    median = statistics.median(times)
+    return {
+        "images_per_s": batch / median,
+        "images_per_s_best": batch / min(times),
+        "ms_median": 1e3 * median,
+        "runs": len(times),
+        "first_call_s": first,
+    }
 
 
 def model_flops(config: JetConfig, batch: int, device: str) -> dict[str, int]:
@@ -191,15 +257,17 @@ def workloads(
     compiled: bool,
     device: str,
     fused_optimizer: bool = False,
+    compile_backend: str = "inductor",
 ) -> dict[str, Callable[[], object]]:
-    """The three timed callables (see :func:`setup`)."""
+    """The three timed callables (see :func:`setup`), ``torch.compile``d with ``compiled``."""
     jet, optimizer, images = setup(config, batch, device, fused_optimizer)
     with torch.no_grad():
         tokens = jet(images)[0]
     forward, inverse = jet, jet.decode
     if compiled:
         torch._dynamo.reset()  # dynamo's cache limit is per function, across models
-        forward, inverse = torch.compile(jet), torch.compile(jet.decode)
+        forward = torch.compile(jet, backend=compile_backend)
+        inverse = torch.compile(jet.decode, backend=compile_backend)
     autocast = torch.autocast(torch.device(device).type, torch.bfloat16, enabled=bf16)
 
     def encode():
@@ -224,7 +292,7 @@ def profile_table(fn: Callable[[], object], rows: int = 20) -> str:
     with profile(activities=activities) as prof:
         for _ in range(2):
             fn()
-        _sync()
+        sync()
     key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
 
@@ -247,13 +315,19 @@ def main() -> None:
         action="store_true",
         help="the reference AdamW update with torch's fused kernel (same maths, fewer ops)",
     )
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile's backend")
+    parser.add_argument("--peak-sizes", type=int, nargs="+", help="matmul sizes for the peak")
+    parser.add_argument("--peak-seconds", type=float, default=1.0, help="timing per peak size")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default="benchmarks/results/throughput.json")
-    args = parser.parse_args()
+    smoke = dict(configs=["smoke"], batch_sizes=[4], precisions=["bf16"], seconds=0.05,
+                 compile_backend="aot_eager", peak_sizes=[256], peak_seconds=0.02)  # fmt: skip
+    args = parse_args(parser, "benchmarks/results/throughput.json", smoke)
 
     load_before = os.getloadavg()
-    peak = {name: matmul_peak(dtype) for name, dtype in (("fp32", torch.float32),
-                                                          ("bf16", torch.bfloat16))}  # fmt: skip
+    peak = {
+        name: matmul_peak(dtype, args.device, args.peak_seconds, args.peak_sizes)
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+    }
     print(f"matmul peak: fp32 {peak['fp32']['gflops']:.0f} GFLOP/s, "
           f"bf16 {peak['bf16']['gflops']:.0f} GFLOP/s; load {load_before[0]:.2f}")  # fmt: skip
     results = []
@@ -272,31 +346,23 @@ def main() -> None:
                         mode == "compiled",
                         args.device,
                         args.fused_optimizer,
+                        args.compile_backend,
                     )
                     for op in args.ops:
                         loadavg = os.getloadavg()[0]
-                        started = time.perf_counter()
-                        calls[op]()  # the first call compiles in compiled mode
-                        first = time.perf_counter() - started
-                        times = _repeat(calls[op], args.seconds, warmup=1)
-                        median = statistics.median(times)
                         row = {
                             "config": name,
                             "batch": batch,
                             "precision": precision,
                             "mode": mode,
                             "op": op,
-                            "images_per_s": batch / median,
-                            "images_per_s_best": batch / min(times),
-                            "ms_median": 1e3 * median,
-                            "runs": len(times),
-                            "first_call_s": first,
+                            **measure(calls[op], batch, args.seconds),
                             "model_gflop": flops[op] / 1e9,
-                            "gflops": flops[op] / median / 1e9,
-                            "mfu": flops[op] / median / 1e9 / peak[precision]["gflops"],
                             "load_1min": loadavg,
                             "optimizer": "AdamW fused" if args.fused_optimizer else "AdamW",
                         }
+                        row["gflops"] = flops[op] * row["images_per_s"] / batch / 1e9
+                        row["mfu"] = row["gflops"] / peak[precision]["gflops"]
                         reference = REFERENCE.get(name, {}).get(op) if batch == 32 else None
                         if reference is not None:
                             row["reference_images_per_s"] = reference
@@ -318,18 +384,14 @@ def main() -> None:
                     del calls
     report = {
         "benchmark": "throughput",
-        "machine": machine(),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "matmul_peak_gflops": peak,
         "flops": "FlopCounterMode, eager fp32, math attention: matmuls + attention products; "
         "train = forward + backward",
         "load_average_before": load_before,
-        "load_average_after": os.getloadavg(),
         "results": results,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
 
 
 def _format(row: dict) -> str:
