@@ -10,6 +10,7 @@ bin-centre entry for uint8 pixels), ``sample``, ``log_prob``, ``bits_per_dim``,
 
 from __future__ import annotations
 
+import abc
 import math
 import os
 from pathlib import Path
@@ -43,9 +44,9 @@ class ImageFlow(Flow):
     config_class: ClassVar[type]
 
     @property
+    @abc.abstractmethod
     def latent_shape(self) -> tuple[int, ...]:
         """The shape of one image's latent (the output of ``forward`` less the batch dim)."""
-        raise NotImplementedError
 
     # -- the latent API ------------------------------------------------------------------------
     def encode(

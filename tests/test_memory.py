@@ -261,18 +261,18 @@ def test_config_and_attribute_choose_one_mechanism():
 
 
 # The training run of tests/test_cli.py: 4 steps on the built-in digits.
-DIGITS = JetConfig(image_size=(8, 8), channels=1, patch_size=2, depth=4, block_depth=1,
-                   emb_dim=16, num_heads=2, kinds=("channels", "spatial"))  # fmt: skip
 TRAIN = ["--data", "digits", "--steps", "4", "--batch-size", "16", "--lr", "3e-3",
          "--no-progress", "--eval-batch-size", "100"]  # fmt: skip
 
 
-def test_two_process_ddp_with_invertible_backprop_equals_one_ordinary_process(tmp_path):
+def test_two_process_ddp_with_invertible_backprop_equals_one_ordinary_process(
+    tmp_path, digits_config
+):
     """DDP (gloo, 2 processes) sees the invertible path's gradients as ordinary ``.grad``."""
     from jetblocks.cli import main
 
     for name, backprop in (("standard", "standard"), ("invertible", "invertible")):
-        config = JetConfig(**{**DIGITS.to_dict(), "backprop": backprop})
+        config = JetConfig(**{**digits_config.to_dict(), "backprop": backprop})
         (tmp_path / f"{name}.json").write_text(config.to_json())
     one = ["train", "--config", str(tmp_path / "standard.json"), *TRAIN]
     assert main([*one, "--out", str(tmp_path / "one")]) == 0
@@ -289,7 +289,7 @@ def test_two_process_ddp_with_invertible_backprop_equals_one_ordinary_process(tm
     # Key biases have exactly zero gradients, which Adam turns into rounding-noise steps.
     for name in (n for n in final[0] if not n.endswith("key.bias")):
         assert (final[0][name] - final[1][name]).abs().max() < 1e-5, name
-    initial = Jet(DIGITS).state_dict()["couplings.flows.0.conditioner.final_proj.weight"]
+    initial = Jet(digits_config).state_dict()["couplings.flows.0.conditioner.final_proj.weight"]
     assert not torch.equal(final[1]["couplings.flows.0.conditioner.final_proj.weight"], initial)
 
 
