@@ -11,6 +11,8 @@ bin-centre entry for uint8 pixels), ``sample``, ``log_prob``, ``bits_per_dim``,
 from __future__ import annotations
 
 import abc
+import dataclasses
+import json
 import math
 import os
 from pathlib import Path
@@ -36,6 +38,27 @@ from jetblocks.likelihood import (
     dequantize,
     standard_normal_log_prob,
 )
+
+
+class ConfigDict:
+    """Dict and JSON round trips of a config dataclass (unknown fields are refused)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Any:
+        unknown = set(values) - {field.name for field in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+        return cls(**values)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> Any:
+        return cls.from_dict(json.loads(text))
 
 
 class ImageFlow(Flow):
@@ -204,4 +227,4 @@ def _checked_context(context: Tensor | None) -> Tensor | None:
     return context
 
 
-__all__ = ["ImageFlow", "is_int"]
+__all__ = ["ConfigDict", "ImageFlow", "is_int"]

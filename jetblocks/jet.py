@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import math
 from typing import Any
 
@@ -26,7 +25,7 @@ from jetblocks.couplings import (
     spatial_halves,
 )
 from jetblocks.flow import FlowSequence, check_backprop
-from jetblocks.imageflow import ImageFlow, is_int
+from jetblocks.imageflow import ConfigDict, ImageFlow, is_int
 from jetblocks.latents import patchify, unpatchify
 from jetblocks.vit import ViTConditioner, check_attention_backend
 
@@ -58,7 +57,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 @dataclasses.dataclass(frozen=True)
-class JetConfig:
+class JetConfig(ConfigDict):
     """Everything that defines a Jet's architecture. Invalid combinations are refused."""
 
     image_size: tuple[int, int] = (32, 32)
@@ -187,23 +186,6 @@ class JetConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown JetConfig preset {name!r}; expected one of {list(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
-
-    def to_dict(self) -> dict[str, Any]:
-        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> JetConfig:
-        unknown = set(values) - {field.name for field in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown JetConfig fields: {sorted(unknown)}")
-        return cls(**values)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> JetConfig:
-        return cls.from_dict(json.loads(text))
 
 
 class Jet(ImageFlow):

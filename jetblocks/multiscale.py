@@ -20,7 +20,6 @@ out and the rest is repatchified to half the resolution for the next scale.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from typing import Any
 
@@ -31,7 +30,7 @@ from torch import Tensor, nn
 
 from jetblocks.couplings import AffineCoupling, ChannelSplit
 from jetblocks.flow import Flow, FlowSequence, Inverse, check_backprop, logdet_dtype
-from jetblocks.imageflow import ImageFlow, is_int
+from jetblocks.imageflow import ConfigDict, ImageFlow, is_int
 from jetblocks.latents import merge_tokens, patchify, split_tokens, unpatchify
 from jetblocks.likelihood import PIXEL_BIN
 
@@ -175,7 +174,7 @@ def _check_grid_tokens(x: Tensor, grid: tuple[int, int], dim: int, who: str) -> 
 
 
 @dataclasses.dataclass(frozen=True)
-class MultiScaleConfig:
+class MultiScaleConfig(ConfigDict):
     """A multi-scale flow: patchify, logit, then ``scales`` stages of couplings where each
     stage but the last factors out half of every token's dims and repatchifies the rest to
     half the resolution (when the grid is even)."""
@@ -252,19 +251,6 @@ class MultiScaleConfig:
     @property
     def num_dims(self) -> int:
         return self.channels * self.image_size[0] * self.image_size[1]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> MultiScaleConfig:
-        unknown = set(values) - {field.name for field in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown MultiScaleConfig fields: {sorted(unknown)}")
-        return cls(**values)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> MultiScaleConfig:
