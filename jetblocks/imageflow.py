@@ -41,7 +41,8 @@ from jetblocks.likelihood import (
 
 
 class ConfigDict:
-    """Dict and JSON round trips of a config dataclass (unknown fields are refused)."""
+    """Dict and JSON round trips of a config dataclass (unknown fields are refused), and the
+    token grid its ``image_size``, ``channels`` and ``patch_size`` give."""
 
     def to_dict(self) -> dict[str, Any]:
         return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
@@ -59,6 +60,26 @@ class ConfigDict:
     @classmethod
     def from_json(cls, text: str) -> Any:
         return cls.from_dict(json.loads(text))
+
+    # The patch grid of a config with ``image_size``, ``channels`` and ``patch_size``:
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """The token grid ``(H/p, W/p)``."""
+        return self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def token_dim(self) -> int:
+        return self.patch_size**2 * self.channels
+
+    @property
+    def num_dims(self) -> int:
+        """``C * H * W``, the number of dims bits/dim is taken over."""
+        return self.channels * self.image_size[0] * self.image_size[1]
 
 
 class ImageFlow(Flow):

@@ -153,24 +153,6 @@ class JetConfig(ConfigDict):
         except ValueError as error:
             raise ValueError(f"JetConfig: {error}") from None
 
-    @property
-    def grid(self) -> tuple[int, int]:
-        """The token grid ``(H/p, W/p)``."""
-        return self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size
-
-    @property
-    def num_tokens(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-    @property
-    def token_dim(self) -> int:
-        return self.patch_size**2 * self.channels
-
-    @property
-    def num_dims(self) -> int:
-        """``C * H * W``, the number of dims bits/dim is taken over."""
-        return self.channels * self.image_size[0] * self.image_size[1]
-
     def layer_plan(self) -> list[tuple[str, str]]:
         """``(kind, pattern)`` of every coupling, in order."""
         kinds = itertools.cycle(self.kinds)

@@ -230,27 +230,12 @@ class MultiScaleConfig(ConfigDict):
         return scale < self.scales - 1 and grid[0] % 2 == 0 and grid[1] % 2 == 0
 
     def grid_at(self, scale: int) -> tuple[int, int]:
-        h, w = self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size
+        """The token grid of ``scale`` (``grid`` at scale 0)."""
+        h, w = self.grid
         for earlier in range(scale):
             if self._halves(earlier):
                 h, w = h // 2, w // 2
         return h, w
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        return self.grid_at(0)
-
-    @property
-    def num_tokens(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-    @property
-    def token_dim(self) -> int:
-        return self.patch_size**2 * self.channels
-
-    @property
-    def num_dims(self) -> int:
-        return self.channels * self.image_size[0] * self.image_size[1]
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> MultiScaleConfig:

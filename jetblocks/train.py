@@ -413,7 +413,7 @@ class Trainer:
         return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
     def save_checkpoint(self) -> Path:
-        """Write ``checkpoints/step_XXXXXXXX`` atomically; keep the last ``keep_checkpoints``.
+        """Write ``checkpoints/step_<8-digit step>`` atomically; keep the last ``keep_checkpoints``.
 
         Weights that are not finite are never saved (:class:`DivergenceError`); a failed
         write (a full disk) raises ``OSError`` saying so and leaves earlier checkpoints.
