@@ -17,15 +17,12 @@ import argparse
 import torch
 from torch import nn
 
-from jetblocks import (
-    GMMHead,
-    Jet,
-    JetConfig,
-    NoiseCurriculum,
-    image_bits_per_dim,
-    merge_tokens,
-    rng,
-    split_tokens,
+from jetblocks import GMMHead, Jet, JetConfig, NoiseCurriculum, image_bits_per_dim, split_tokens
+from jetblocks.autoregressive import (
+    causal_mask,
+    decode_soft_tokens,
+    sample_soft_tokens,
+    soft_token_nll,
 )
 from jetblocks.integrations.builtin import mnist5k
 from jetblocks.integrations.images import save_grid
@@ -33,39 +30,30 @@ from jetblocks.likelihood import dequantize, to_uint8
 
 
 class CausalTransformer(nn.Module):
-    """Predicts token ``i`` from tokens ``< i``: a learned start token, then a causal encoder."""
+    """A decoder as ``jetblocks.autoregressive`` wants it: ``[B, T, W] -> [B, T, W]``, causal."""
 
     def __init__(self, keep: int, num_tokens: int, width=64, depth=2, heads=4, mixtures=8):
         super().__init__()
         self.embed = nn.Linear(keep, width)
-        self.start = nn.Parameter(torch.zeros(1, 1, width))
+        self.start = nn.Parameter(torch.zeros(1, width))  # the BOS prefix
         self.position = nn.Parameter(0.02 * torch.randn(1, num_tokens, width))
         layer = nn.TransformerEncoderLayer(width, heads, 4 * width, 0.0, batch_first=True)
         self.body = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         self.head = GMMHead(width, mixtures, keep)
 
-    def hidden(self, kept: torch.Tensor) -> torch.Tensor:
-        """``[B, n, keep] -> [B, n, width]``; position ``i`` sees ``kept[:, :i]`` only."""
-        start = self.start.expand(len(kept), 1, -1)
-        x = torch.cat([start, self.embed(kept[:, :-1])], dim=1) + self.position[:, : kept.shape[1]]
-        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1])
-        return self.body(x, mask=mask, is_causal=True)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = causal_mask(x.shape[1], device=x.device).logical_not()  # True: masked out
+        return self.body(x + self.position[:, : x.shape[1]], mask=mask, is_causal=True)
 
-    @torch.no_grad()
-    def sample(self, n: int, num_tokens: int, temperature: float, *, generator) -> torch.Tensor:
-        kept = torch.zeros(n, 0, self.head.dim)
-        for _ in range(num_tokens):  # no KV cache: recompute the prefix every step
-            h = self.hidden(torch.cat([kept, kept.new_zeros(n, 1, self.head.dim)], dim=1))
-            token = self.head.sample(h[:, -1:], temperature, generator=generator)
-            kept = torch.cat([kept, token], dim=1)
-        return kept
+    def prefix(self, batch: int) -> torch.Tensor:
+        return self.start.expand(batch, 1, -1)
 
 
 def joint_bits_per_dim(jet, model, images, keep):
     """JetFormer's loss: GMM NLL of the kept dims + N(0, 1) on the rest - Jet's log-det."""
     tokens, logdet = jet(images)
     kept, rest = split_tokens(tokens, keep)
-    gmm_nll = model.head.nll(model.hidden(kept), kept)  # [B, N]
+    gmm_nll = soft_token_nll(model, model.head, model.embed, kept, model.prefix(len(kept)))
     return image_bits_per_dim(gmm_nll, rest, logdet, num_dims=images[0].numel())
 
 
@@ -107,11 +95,12 @@ def main() -> None:
             print(f"step {step:4d}  train bits/dim {loss.item():.4f}")
     print(f"held-out bits/dim after {args.steps} steps: {held_out():.4f} (before: {before:.4f})")
 
-    kept = model.sample(args.samples, jet.config.num_tokens, 0.8, generator=generator)
-    shape = (args.samples, kept.shape[1], jet.config.token_dim - args.keep)
-    rest = rng.randn(shape, generator=generator, like=kept)
-    with torch.no_grad():
-        images = jet.decode(merge_tokens(kept, rest))
+    with torch.no_grad():  # token by token (recomputing: nn.TransformerEncoder has no cache)
+        kept = sample_soft_tokens(
+            model, model.head, model.embed, model.prefix(args.samples), jet.config.num_tokens,
+            temperature=0.8, use_cache=False, generator=generator,
+        )  # fmt: skip
+        images = decode_soft_tokens(jet, kept, generator=generator)
     print(f"samples: {save_grid(to_uint8(images), f'{args.out}/samples.png', ncols=8)}")
 
 

@@ -172,19 +172,66 @@ def guided_gaussian(
     return torch.where(ok, mean, mu_c), torch.where(ok, safe.rsqrt(), sigma_c)
 
 
+def rejection_guided(
+    mu_c: Tensor,
+    sigma_c: Tensor,
+    mu_u: Tensor,
+    sigma_u: Tensor,
+    weight: float,
+    *,
+    max_draws: int = 1000,
+    generator: rng.Generator = None,
+) -> Tensor:
+    """One draw per element from ``N(mu_c, sigma_c)^(1+w) / N(mu_u, sigma_u)^w`` by rejection.
+
+    The reference's sampler (big_vision ``CFGDensity``), element-wise: proposal
+    ``q = N(mu_c, 2 max(sigma_c, sigma_u))``; envelope factor ``M = max p(x) / q(mu_c)`` with
+    the max over the grid ``mu_c + linspace(-10, 10, 1001)``; ``max_draws`` proposals, the
+    first with ``u M q(x) < p(x)`` (``u ~ U[0, 1)``) is kept, else a draw from
+    ``N(mu_c, sigma_c)``. ``M q`` is not an envelope in the tails (``M q <= max p``), so the
+    samples follow ``min(p, M q)``, not ``p``: this is what the published guidance weights
+    and temperatures were tuned with. Computed in log space (the reference's densities
+    underflow in float32 where these do not).
+    """
+    mu_c, sigma_c, mu_u, sigma_u = (t.float() for t in (mu_c, sigma_c, mu_u, sigma_u))
+
+    def log_target(x: Tensor) -> Tensor:
+        log_c = -0.5 * ((x - mu_c) / sigma_c).square() - sigma_c.log()
+        log_u = -0.5 * ((x - mu_u) / sigma_u).square() - sigma_u.log()
+        return (1 + weight) * log_c - weight * log_u
+
+    spread = 2 * torch.maximum(sigma_c, sigma_u)
+    grid = torch.linspace(-10.0, 10.0, 1001, device=mu_c.device).view(-1, *[1] * mu_c.dim())
+    log_envelope = log_target(mu_c + grid).amax(0) + spread.log()  # log M + log(q normaliser)
+    noise = rng.randn((max_draws, *mu_c.shape), generator=generator, like=mu_c)
+    proposals = mu_c + spread * noise
+    log_q = -0.5 * noise.square() - spread.log()  # log q(x) up to the constant in M
+    log_u = rng.rand(proposals.shape, generator=generator, like=mu_c).log()
+    accepted = log_u + log_envelope + log_q < log_target(proposals)
+    first = accepted.int().argmax(0, keepdim=True)  # 0 where none was accepted
+    chosen = proposals.gather(0, first).squeeze(0)
+    fallback = mu_c + sigma_c * rng.randn(mu_c.shape, generator=generator, like=mu_c)
+    return torch.where(accepted.any(0), chosen, fallback)
+
+
 def sample_guided(
     cond: GaussianMixture,
     uncond: GaussianMixture,
     weight: float,
     temperature: float = 1.0,
     *,
+    sampler: str = "exact",
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """CFG sampling: one component from ``cond``, then the per-dim guided Gaussian of it.
+    """CFG sampling: one component ``k`` from ``cond``, then per dim the guided density of it.
 
     The unconditional mixture contributes the same component ``k``. ``temperature``
-    multiplies both sigmas before guidance (so it multiplies the guided sigma too).
+    multiplies both sigmas before guidance. ``sampler="exact"`` draws from the normalised
+    guided Gaussian (:func:`guided_gaussian`); ``"rejection"`` is the reference's rejection
+    sampler (:func:`rejection_guided`), with which the published (w, T) pairs were tuned.
     """
+    if sampler not in ("exact", "rejection"):
+        raise ValueError(f"sampler must be 'exact' or 'rejection', got {sampler!r}")
     if cond.means.shape != uncond.means.shape:
         raise ValueError(
             f"conditional and unconditional mixtures differ in shape: "
@@ -193,8 +240,18 @@ def sample_guided(
     index = cond.sample_component(generator=generator)
     mu_c, sigma_c = cond.select(index)
     mu_u, sigma_u = uncond.select(index)
-    mean, sigma = guided_gaussian(mu_c, temperature * sigma_c, mu_u, temperature * sigma_u, weight)
+    sigma_c, sigma_u = temperature * sigma_c, temperature * sigma_u
+    if sampler == "rejection":
+        return rejection_guided(mu_c, sigma_c, mu_u, sigma_u, weight, generator=generator)
+    mean, sigma = guided_gaussian(mu_c, sigma_c, mu_u, sigma_u, weight)
     return mean + sigma * rng.randn(mean.shape, generator=generator, like=mean)
 
 
-__all__ = ["GMMHead", "GaussianMixture", "guided_gaussian", "sample_guided", "squareplus"]
+__all__ = [
+    "GMMHead",
+    "GaussianMixture",
+    "guided_gaussian",
+    "rejection_guided",
+    "sample_guided",
+    "squareplus",
+]

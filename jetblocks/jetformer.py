@@ -61,16 +61,28 @@ class NoiseCurriculum:
         cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
         return self.sigma_end + (self.sigma_start - self.sigma_end) * cosine
 
-    def __call__(self, images: Tensor, step: int, *, generator: rng.Generator = None) -> Tensor:
+    def __call__(
+        self,
+        images: Tensor,
+        step: int,
+        *,
+        rows: Tensor | None = None,
+        generator: rng.Generator = None,
+    ) -> Tensor:
         """Noisy float32 images in ``[-1, 1]`` units from uint8 pixels or floats in ``[-1, 1]``,
         with the standard-normal draws from ``generator``. They are bins' left edges:
-        :func:`jetblocks.dequantize` adds the uniform noise."""
+        :func:`jetblocks.dequantize` adds the uniform noise. ``rows`` (bool ``[B]``) limits
+        the noise to those images (the reference's ``rgb_noise_on_image_prefix=False``
+        leaves captioning rows clean)."""
         if images.dtype == torch.uint8:
             pixels = images.float()
         else:
             pixels = torch.round((images.float() + 1.0) * 127.5)
         normal = rng.randn(pixels.shape, generator=generator, like=pixels)
-        noisy = torch.round(pixels + self.sigma(step) * normal)
+        sigma = torch.full((len(pixels),), self.sigma(step), device=pixels.device)
+        if rows is not None:
+            sigma = torch.where(rows.to(pixels.device), sigma, 0.0)
+        noisy = torch.round(pixels + sigma.view(-1, *[1] * (pixels.dim() - 1)) * normal)
         return pixels_to_unit(noisy)
 
 

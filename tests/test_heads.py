@@ -3,7 +3,14 @@ import math
 import pytest
 import torch
 
-from jetblocks.heads import GaussianMixture, GMMHead, guided_gaussian, sample_guided, squareplus
+from jetblocks.heads import (
+    GaussianMixture,
+    GMMHead,
+    guided_gaussian,
+    rejection_guided,
+    sample_guided,
+    squareplus,
+)
 
 
 def perturbed_head(width=6, k=3, d=2, seed=0):
@@ -160,3 +167,78 @@ def test_guided_sampling_draws_the_component_from_the_conditional_mixture():
     )
     assert abs(samples.mean().item() - mean.item()) < 4 * std.item() / math.sqrt(n) + 0.01
     assert samples.std().item() == pytest.approx(std.item(), rel=0.02)
+
+
+def rejection_target_moments(mu_c, s_c, mu_u, s_u, w, max_draws=1000):
+    """Mean and std of what the reference's rejection sampler draws, written out independently
+    of it on a fine float64 grid: ``min(p, M q)`` normalised where one of ``max_draws``
+    proposals is accepted (each with probability ``a = int min(p, M q) / M``), else the
+    conditional ``N(mu_c, s_c)`` (probability ``(1 - a)^max_draws``)."""
+    x = torch.linspace(mu_c - 40, mu_c + 40, 400_001, dtype=torch.float64)
+
+    def log_p(v):
+        return (1 + w) * torch.distributions.Normal(mu_c, s_c).log_prob(v) - w * (
+            torch.distributions.Normal(mu_u, s_u).log_prob(v)
+        )
+
+    proposal = torch.distributions.Normal(mu_c, 2 * max(s_c, s_u))
+    envelope_factor = log_p(mu_c + torch.linspace(-10, 10, 1001, dtype=torch.float64)).max()
+    envelope_factor = envelope_factor - proposal.log_prob(torch.tensor(mu_c, dtype=torch.float64))
+    log_density = torch.minimum(log_p(x), envelope_factor + proposal.log_prob(x))
+    step = (x[1] - x[0]).log()
+    accept = torch.exp(torch.logsumexp(log_density, 0) + step - envelope_factor)
+    accepted = 1 - (1 - accept) ** max_draws
+    p = torch.exp(log_density - log_density.max())
+    p = p / p.sum()
+    mean = accepted * (p * x).sum() + (1 - accepted) * mu_c
+    second = accepted * (p * x * x).sum() + (1 - accepted) * (s_c**2 + mu_c**2)
+    return mean.item(), torch.sqrt(second - mean**2).item()
+
+
+@pytest.mark.parametrize(
+    "mu_c, s_c, mu_u, s_u, w",
+    [
+        (0.5, 1.0, -0.3, 1.5, 2.0),  # normalisable, under the envelope
+        (0.0, 1.0, -1.0, 1.0, 3.0),  # normalisable; the capped envelope shifts the mean
+        (1.0, 0.3, 0.0, 1.0, 9.0),  # the text-to-image weight
+        (0.0, 0.5, 1.0, 0.4, 3.0),  # precision < 0: no proposal accepted, the fallback
+        (0.0, 1.0, 0.5, 0.9, 1.0),  # precision < 0, some accepted: a mixture of both
+    ],
+)
+def test_rejection_sampler_moments_match_the_density_it_samples(mu_c, s_c, mu_u, s_u, w):
+    n = 40_000
+    args = (torch.full((n,), v) for v in (mu_c, s_c, mu_u, s_u))
+    samples = rejection_guided(*args, w, generator=torch.Generator().manual_seed(0))
+    mean, std = rejection_target_moments(mu_c, s_c, mu_u, s_u, w)
+    assert abs(samples.mean().item() - mean) < 4 * std / math.sqrt(n)
+    assert samples.std().item() == pytest.approx(std, rel=0.03)
+
+
+def test_rejection_and_exact_guidance_differ_where_the_envelope_is_capped():
+    mu_c, s_c, mu_u, s_u, w = 0.0, 1.0, -1.0, 1.0, 3.0  # the product is N(3, 1)
+    exact_mean, _ = guided_gaussian(*(torch.tensor(v) for v in (mu_c, s_c, mu_u, s_u)), w)
+    mean, _ = rejection_target_moments(mu_c, s_c, mu_u, s_u, w)
+    assert exact_mean.item() == pytest.approx(3.0) and abs(mean - 3.0) > 0.3
+
+
+def test_sample_guided_rejection_uses_the_conditional_component_and_temperature():
+    n, w, temperature = 20_000, 2.0, 0.9
+    cond = GaussianMixture(
+        torch.tensor([[30.0, -30.0]]).expand(n, 2),
+        torch.tensor([[[10.0], [-10.0]]]).expand(n, 2, 1),
+        torch.tensor([[[1.0], [1.0]]]).expand(n, 2, 1),
+    )
+    uncond = GaussianMixture(
+        torch.tensor([[-30.0, 30.0]]).expand(n, 2),
+        torch.tensor([[[9.0], [0.0]]]).expand(n, 2, 1),
+        torch.tensor([[[1.2], [1.0]]]).expand(n, 2, 1),
+    )
+    samples = sample_guided(
+        cond, uncond, w, temperature, sampler="rejection",
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    mean, std = rejection_target_moments(10.0, 0.9, 9.0, 1.08, w)
+    assert abs(samples.mean().item() - mean) < 4 * std / math.sqrt(n)
+    assert samples.std().item() == pytest.approx(std, rel=0.03)
+    with pytest.raises(ValueError, match="sampler must be 'exact' or 'rejection'"):
+        sample_guided(cond, uncond, w, sampler="gibbs")

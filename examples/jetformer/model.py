@@ -23,9 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from jetblocks import GMMHead, Jet, JetConfig, image_bits_per_dim, split_tokens
+from jetblocks import GMMHead, Jet, JetConfig, image_bits_per_dim, rng, split_tokens
+from jetblocks.autoregressive import KVCache, add_input_noise, causal_mask
 
 NORM_EPS = 1e-6
+TRUNCATED_NORMAL_STD = 0.87962566103423978  # std of N(0, 1) truncated to [-2, 2]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +47,10 @@ class JetFormerConfig:
     text_len: int = 1
     num_vocab_repeats: int = 1
     rope_base: float = 10_000.0
+    dropout: float = 0.0  # on each block's attention and MLP outputs (reference: 0.1)
+    input_noise_std: float = 0.0  # max std of the noise on text-first soft tokens (ref.: 0.3)
+    untie_output_vocab: bool = False  # text logits from their own Linear (text-to-image ref.)
+    head_mean_init_std: float = 0.5  # GMM mean biases ~ N(0, std^2); 0: the reference's zeros
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "jet", JetConfig.from_dict(dict(self.jet)).to_dict())
@@ -52,6 +58,13 @@ class JetFormerConfig:
             raise ValueError(f"keep must be in [1, {self.jet_config.token_dim}], got {self.keep}")
         if self.num_heads % self.num_kv_heads or self.head_dim % 2:
             raise ValueError("num_heads must be a multiple of num_kv_heads; head_dim even")
+        if not 0 <= self.dropout < 1 or not self.input_noise_std >= 0:
+            raise ValueError(
+                f"need 0 <= dropout < 1 and input_noise_std >= 0, got {self.dropout}, "
+                f"{self.input_noise_std}"
+            )
+        if self.untie_output_vocab and self.num_vocab_repeats != 1:
+            raise ValueError("untie_output_vocab needs num_vocab_repeats == 1 (as the reference)")
 
     @functools.cached_property
     def jet_config(self) -> JetConfig:
@@ -87,6 +100,15 @@ class JetFormerConfig:
         return cls(**values)
 
 
+def lecun_truncated_normal_(layer: nn.Linear) -> None:
+    """The reference's kernel init: ``N(0, 1/fan_in)`` truncated at 2 sigma (and rescaled so
+    the variance stays ``1/fan_in``, as flax's ``variance_scaling``); biases zero."""
+    std = (1.0 / layer.in_features) ** 0.5 / TRUNCATED_NORMAL_STD
+    nn.init.trunc_normal_(layer.weight, std=std, a=-2 * std, b=2 * std)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+
+
 class RMSNorm(nn.Module):
     """Gemma's ``x / sqrt(mean(x^2) + eps) * (1 + scale)``, in float32, ``scale`` zero-init."""
 
@@ -108,32 +130,6 @@ def rope(x: Tensor, positions: Tensor, base: float) -> Tensor:
     sin, cos = angles.sin().to(x.dtype), angles.cos().to(x.dtype)
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-
-
-class KVCache:
-    """Keys and values of every layer for up to ``max_len`` tokens per sequence.
-
-    Storage is allocated on the first update, with that update's dtype and device (so it
-    follows autocast).
-    """
-
-    def __init__(self, depth: int, max_len: int) -> None:
-        self.depth, self.max_len = depth, max_len
-        self.keys: Tensor | None = None
-        self.values: Tensor | None = None
-        self.length = 0  # tokens stored (the same for every layer once a step is done)
-
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store ``k, v [B, KV, T, d]`` after the cached ones; return all of them."""
-        if self.keys is None:
-            shape = (self.depth, k.shape[0], k.shape[1], self.max_len, k.shape[3])
-            self.keys, self.values = k.new_zeros(shape), v.new_zeros(shape)
-        end = self.length + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache of {self.max_len} tokens is full")
-        self.keys[layer, :, :, self.length : end] = k
-        self.values[layer, :, :, self.length : end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
 
 class Attention(nn.Module):
@@ -163,9 +159,8 @@ class Attention(nn.Module):
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         if new == k.shape[2]:  # the whole sequence: plain causal attention
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:  # new tokens after cached ones: each sees the cache and the new ones before it
-            offset = k.shape[2] - new
-            mask = torch.ones(new, k.shape[2], dtype=torch.bool, device=x.device).tril(offset)
+        else:  # new positions after cached ones
+            mask = causal_mask(new, k.shape[2], device=x.device)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out(out.transpose(1, 2).flatten(2))
 
@@ -184,16 +179,17 @@ class GatedMLP(nn.Module):
 
 
 class Block(nn.Module):
-    """``x += attn(norm(x)); x += mlp(norm(x))``."""
+    """``x += drop(attn(norm(x))); x += drop(mlp(norm(x)))`` (Gemma's block, as the reference)."""
 
     def __init__(self, config: JetFormerConfig) -> None:
         super().__init__()
         self.attn_norm, self.attn = RMSNorm(config.width), Attention(config)
         self.mlp_norm, self.mlp = RMSNorm(config.width), GatedMLP(config.width, config.mlp_dim)
+        self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor, positions: Tensor, cache: KVCache | None, layer: int) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), positions, cache, layer)
-        return x + self.mlp(self.mlp_norm(x))
+        x = x + self.drop(self.attn(self.attn_norm(x), positions, cache, layer))
+        return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
 class Decoder(nn.Module):
@@ -211,7 +207,7 @@ class Decoder(nn.Module):
         for layer, block in enumerate(self.blocks):
             x = block(x, positions, cache, layer)
         if cache is not None:
-            cache.length += x.shape[1]
+            cache.advance(x.shape[1])
         return self.final_norm(x)
 
     def new_cache(self, max_len: int) -> KVCache:
@@ -229,7 +225,20 @@ class JetFormer(nn.Module):
         nn.init.normal_(self.text_embed.weight, std=1.0)
         self.image_embed = nn.Linear(config.keep, config.width)
         self.decoder = Decoder(config)
-        self.head = GMMHead(config.width, config.num_mixtures, config.keep)
+        for layer in (self.image_embed, *self.decoder.modules()):
+            if isinstance(layer, nn.Linear):
+                lecun_truncated_normal_(layer)
+        self.text_out = None
+        if config.untie_output_vocab:
+            self.text_out = nn.Linear(config.width, config.total_vocab)
+            nn.init.normal_(self.text_out.weight, std=1.0)
+            nn.init.zeros_(self.text_out.bias)
+        self.head = GMMHead(
+            config.width,
+            config.num_mixtures,
+            config.keep,
+            mean_init_std=config.head_mean_init_std,
+        )
 
     # -- embedding ----------------------------------------------------------------------------
     def special(self, token_id: int, batch: int) -> Tensor:
@@ -259,7 +268,9 @@ class JetFormer(nn.Module):
         return torch.where(text_first[:, None, None], text_image, image_text)
 
     def text_logits(self, h: Tensor) -> Tensor:
-        """Logits over the ``total_vocab`` ids from the transposed embedding table."""
+        """Logits over the ``total_vocab`` ids: the transposed embedding table, or untied."""
+        if self.text_out is not None:
+            return self.text_out(h)
         return h @ self.text_embed.weight[: self.config.total_vocab].T.to(h.dtype)
 
     # -- training -----------------------------------------------------------------------------
@@ -270,17 +281,24 @@ class JetFormer(nn.Module):
         text_mask: Tensor,
         text_first: Tensor,
         drop: Tensor | None = None,
+        *,
+        generator: rng.Generator = None,
     ) -> dict[str, Tensor]:
         """Per-example losses of dequantized ``images [B, C, H, W]`` and ``text [B, L]``.
 
         ``image_bits``: JetFormer's image NLL in bits per pixel-dim (text-first examples);
         ``text_nll``: mean cross-entropy (nats) over ``text_mask`` tokens (image-first).
         Image-first examples see Jet's tokens with the gradient stopped (the flow is not
-        trained to caption).
+        trained to caption). In training mode text-first soft tokens get ``input_noise_std``
+        noise from ``generator`` (the decoder sees and scores the noisy tokens, as the
+        reference).
         """
         cfg = self.config
         tokens, logdet = self.jet(images)
         kept, rest = split_tokens(tokens, cfg.keep)
+        if self.training and cfg.input_noise_std > 0:
+            noisy = add_input_noise(kept, cfg.input_noise_std, generator=generator)
+            kept = torch.where(text_first[:, None, None], noisy, kept)
         kept = torch.where(text_first[:, None, None], kept, kept.detach())
         h = self.decoder(self.embed_sequence(text, kept, text_first, drop))
         n, p = kept.shape[1], cfg.prefix_len
@@ -319,7 +337,6 @@ __all__ = [
     "Decoder",
     "JetFormer",
     "JetFormerConfig",
-    "KVCache",
     "RMSNorm",
     "count_parameters",
     "meta_parameter_counts",

@@ -1,11 +1,9 @@
 """Sampling images (text/class -> image) and captions (image -> text) from a JetFormer.
 
-Images: the prefix ``[BOS, text, BOI]`` is run once, then ``N`` raster-order steps each draw
-one soft token from the GMM head and feed it back; with a KV cache each step runs the
-decoder on one token, without it the whole sequence is recomputed (the same function).
-With guidance ``w > 0`` the batch is ``[cond, uncond]`` interleaved (uncond = the NOLABEL
-prefix) and tokens come from :func:`jetblocks.sample_guided`. The factored-out dims are
-drawn from ``N(0, 1)`` untempered, then Jet's inverse, clipped to ``[-1, 1]``.
+Both run on the library's loop (:mod:`jetblocks.autoregressive`): images are
+``sample_soft_tokens`` after the prefix ``[BOS, text, BOI]`` (with guidance ``w != 0`` the
+unconditional rows see the NOLABEL prefix) then ``decode_soft_tokens`` (factored dims from
+``N(0, 1)``, Jet's inverse, clipped); captions are ``generate`` after ``[BOI, image, BOS]``.
 """
 
 from __future__ import annotations
@@ -13,10 +11,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from jetblocks import GaussianMixture, merge_tokens, rng, sample_guided
+from jetblocks import rng
+from jetblocks.autoregressive import decode_soft_tokens, generate, sample_soft_tokens
 from jetblocks.likelihood import dequantize
 
 from .model import JetFormer
+
+
+def _prefix(model: JetFormer, text: Tensor, drop: bool) -> Tensor:
+    rows, cfg = len(text), model.config
+    mask = torch.full((rows,), drop, dtype=torch.bool, device=text.device)
+    parts = [model.special(cfg.bos_id, rows), model.embed_text(text, mask)]
+    return torch.cat([*parts, model.special(cfg.boi_id, rows)], dim=1)
 
 
 @torch.no_grad()
@@ -26,62 +32,24 @@ def sample_image_tokens(
     *,
     guidance: float = 0.0,
     temperature: float = 1.0,
-    generator: torch.Generator | None = None,
+    sampler: str = "exact",
+    generator: rng.Generator = None,
     use_cache: bool = True,
 ) -> Tensor:
     """Kept soft tokens ``[B, N, keep]`` for prompts ``text [B, L]`` (class labels: L = 1)."""
-    cfg = model.config
-    num_tokens = cfg.jet_config.num_tokens
-    guided = guidance != 0.0
-    if guided:  # rows [c0, u0, c1, u1, ...]
-        text = text.repeat_interleave(2, dim=0)
-        drop = torch.arange(len(text), device=text.device) % 2 == 1
-    else:
-        drop = torch.zeros(len(text), dtype=torch.bool, device=text.device)
-    rows = len(text)
-    bos = model.special(cfg.bos_id, rows)
-    boi = model.special(cfg.boi_id, rows)
-    prefix = torch.cat([bos, model.embed_text(text, drop), boi], dim=1)
-    cache = None
-    if use_cache:
-        cache = model.decoder.new_cache(prefix.shape[1] + num_tokens)
-    sequence = prefix
-    h = model.decoder(prefix, cache)[:, -1:]
-    tokens = []
-    for step in range(num_tokens):
-        mixture = model.head(h)
-        if guided:
-            cond, uncond = (_rows(mixture, start) for start in (0, 1))
-            token = sample_guided(cond, uncond, guidance, temperature, generator=generator)
-            feed = token.repeat_interleave(2, dim=0)
-        else:
-            token = mixture.sample(temperature, generator=generator)
-            feed = token
-        tokens.append(token)
-        if step == num_tokens - 1:
-            break
-        x = model.image_embed(feed.to(prefix.dtype))
-        if cache is not None:
-            h = model.decoder(x, cache)
-        else:
-            sequence = torch.cat([sequence, x], dim=1)
-            h = model.decoder(sequence)[:, -1:]
-    return torch.cat(tokens, dim=1)
-
-
-def _rows(mixture: GaussianMixture, start: int) -> GaussianMixture:
-    """Every other row of a mixture (the conditional or the unconditional half)."""
-    rows = slice(start, None, 2)
-    return GaussianMixture(mixture.logits[rows], mixture.means[rows], mixture.scales[rows])
-
-
-@torch.no_grad()
-def decode_images(model: JetFormer, kept: Tensor, *, generator: torch.Generator | None = None):
-    """Kept tokens + ``N(0, 1)`` factored dims -> images in ``[-1, 1]`` through Jet's inverse."""
-    cfg = model.config.jet_config
-    shape = (*kept.shape[:2], cfg.token_dim - kept.shape[-1])
-    rest = rng.randn(shape, generator=generator, like=kept)
-    return model.jet.decode(merge_tokens(kept, rest)).clamp(-1.0, 1.0)
+    return sample_soft_tokens(
+        model.decoder,
+        model.head,
+        model.image_embed,
+        _prefix(model, text, drop=False),
+        model.config.jet_config.num_tokens,
+        uncond_prefix=_prefix(model, text, drop=True) if guidance != 0.0 else None,
+        guidance=guidance,
+        temperature=temperature,
+        sampler=sampler,
+        use_cache=use_cache,
+        generator=generator,
+    )
 
 
 @torch.no_grad()
@@ -91,7 +59,8 @@ def sample_images(
     *,
     guidance: float = 0.0,
     temperature: float = 1.0,
-    generator: torch.Generator | None = None,
+    sampler: str = "exact",
+    generator: rng.Generator = None,
     use_cache: bool = True,
 ) -> Tensor:
     """Images ``[B, C, H, W]`` in ``[-1, 1]`` for prompts ``text [B, L]``."""
@@ -100,10 +69,11 @@ def sample_images(
         text,
         guidance=guidance,
         temperature=temperature,
+        sampler=sampler,
         generator=generator,
         use_cache=use_cache,
     )
-    return decode_images(model, kept.float(), generator=generator)
+    return decode_soft_tokens(model.jet, kept, generator=generator)
 
 
 @torch.no_grad()
@@ -112,35 +82,34 @@ def caption_images(
     pixels: Tensor,
     *,
     temperature: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: rng.Generator = None,
 ) -> Tensor:
     """Text tokens ``[B, text_len]`` for uint8 images, image first: ``[BOI, img, BOS] -> text``.
 
-    ``temperature = 0`` decodes greedily. Uses the KV cache.
+    ``temperature = 0`` decodes greedily.
     """
     cfg = model.config
     images = dequantize(pixels, generator=torch.Generator(pixels.device).manual_seed(0))
     tokens, _ = model.jet(images.to(next(model.parameters()).dtype))
-    kept = tokens[..., : cfg.keep]
     rows = len(pixels)
     prefix = torch.cat(
-        [model.special(cfg.boi_id, rows), model.image_embed(kept), model.special(cfg.bos_id, rows)],
+        [
+            model.special(cfg.boi_id, rows),
+            model.image_embed(tokens[..., : cfg.keep]),
+            model.special(cfg.bos_id, rows),
+        ],
         dim=1,
     )
-    cache = model.decoder.new_cache(prefix.shape[1] + cfg.text_len)
-    h = model.decoder(prefix, cache)[:, -1:]
-    out = []
-    for step in range(cfg.text_len):
+
+    def next_token(h: Tensor) -> tuple[Tensor, Tensor]:
         logits = model.text_logits(h[:, -1]).float()[:, : cfg.vocab_size]  # content ids only
         if temperature > 0:
-            probs = (logits / temperature).softmax(-1)
-            token = torch.multinomial(probs, 1, generator=generator)
+            token = torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator)
         else:
             token = logits.argmax(-1, keepdim=True)
-        out.append(token)
-        if step < cfg.text_len - 1:
-            h = model.decoder(model.embed_text(token), cache)
-    return torch.cat(out, dim=1)
+        return token, model.embed_text(token)
+
+    return torch.cat(generate(model.decoder, prefix, cfg.text_len, next_token), dim=1)
 
 
-__all__ = ["caption_images", "decode_images", "sample_image_tokens", "sample_images"]
+__all__ = ["caption_images", "sample_image_tokens", "sample_images"]

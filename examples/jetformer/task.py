@@ -2,9 +2,9 @@
 
 Per training example (randomness from the trainer's resumable, rank-aware uniform noise):
 
-1. noise curriculum on the uint8 pixels (``NoiseCurriculum``), then ``U[0, 1/127.5)``
-   dequantization;
-2. text first with probability ``text_first_prob`` (else image first: captioning);
+1. text first with probability ``text_first_prob`` (else image first: captioning);
+2. noise curriculum on the uint8 pixels (``NoiseCurriculum``; not on image-first rows with
+   ``rgb_noise_on_image_prefix=False``), then ``U[0, 1/127.5)`` dequantization;
 3. for text-first examples, the whole prefix is replaced by NOLABEL tokens with probability
    ``drop_prob`` (classifier-free guidance);
 4. only the suffix is trained: ``image_bits`` (JetFormer's image NLL, bits per pixel-dim)
@@ -38,6 +38,7 @@ class TaskConfig:
     sigma_start: float = 64.0
     sigma_end: float = 0.0
     curriculum_steps: int = 1
+    rgb_noise_on_image_prefix: bool = True  # False: captioning rows get no curriculum noise
     guidance: float = 0.0  # for the sample grids written during training
 
     def __post_init__(self) -> None:
@@ -71,12 +72,13 @@ class JetFormerTask:
     def loss(self, model: nn.Module, batch: dict[str, Tensor], generator) -> Tensor:
         cfg, pixels = self.config, batch["image"]
         text, text_mask = text_of(batch)
-        noisy = self.curriculum(pixels, self.step, generator=generator)
-        images = dequantize(noisy, generator=generator)
-        coins = rng.rand((len(pixels), 2), generator=generator, like=images)
+        coins = rng.rand((len(pixels), 2), generator=generator, like=pixels.float())
         text_first = coins[:, 0] < cfg.text_first_prob
         drop = (coins[:, 1] < cfg.drop_prob) & text_first
-        out = model(images, text, text_mask, text_first, drop)
+        noised = None if cfg.rgb_noise_on_image_prefix else text_first
+        noisy = self.curriculum(pixels, self.step, rows=noised, generator=generator)
+        images = dequantize(noisy, generator=generator)
+        out = model(images, text, text_mask, text_first, drop, generator=generator)
         per_example = torch.where(text_first, out["image_bits"], cfg.text_weight * out["text_nll"])
         return per_example.mean()
 
