@@ -7,6 +7,8 @@ that has ``new_cache(max_len)`` can be sampled with a KV cache: it is then calle
 new positions only and the cache it made, whose keys and values it extends (a
 :class:`KVCache` serves any number of layers; :func:`causal_mask` gives the mask of new
 positions over cached ones). Without a cache the whole sequence is recomputed each step.
+Padded prompts: a decoder that takes ``mask=`` (``[B, T]``, False: a pad no position
+attends to and that takes no position id) is given the prompts' mask.
 
 - Training (teacher forcing): :func:`shift_right` feeds token ``t`` to predict ``t + 1``
   after a start (BOS) prefix; :func:`soft_token_nll` is the whole GMM NLL of the kept dims;
@@ -110,7 +112,19 @@ class KVCache:
         self.depth, self.max_len = depth, max_len
         self.keys: Tensor | None = None
         self.values: Tensor | None = None
+        self.mask: Tensor | None = None  # [B, max_len]: which stored positions may be attended
         self.length = 0  # positions stored in every layer (before the current call)
+
+    def extend_mask(self, mask: Tensor) -> Tensor:
+        """Record which of the new positions (``mask [B, T]``, True: visible, e.g. not a pad)
+        may be attended; return the mask of every position so far, ``[B, length + T]``."""
+        if self.mask is None:
+            self.mask = mask.new_ones(mask.shape[0], self.max_len, dtype=torch.bool)
+        end = self.length + mask.shape[1]
+        if end > self.max_len:
+            raise ValueError(f"KV cache of {self.max_len} positions is full")
+        self.mask[:, self.length : end] = mask
+        return self.mask[:, :end]
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store ``k, v`` after the cached positions of ``layer``; return all of them."""
@@ -134,7 +148,13 @@ Step = Callable[[Tensor], tuple[Tensor, Tensor]]
 
 @torch.no_grad()
 def generate(
-    decoder: Decoder, prefix: Tensor, steps: int, next_token: Step, *, use_cache: bool = True
+    decoder: Decoder,
+    prefix: Tensor,
+    steps: int,
+    next_token: Step,
+    *,
+    prefix_mask: Tensor | None = None,
+    use_cache: bool = True,
 ) -> list[Tensor]:
     """The token-by-token loop: ``steps`` tokens after the embedded ``prefix [B, S, W]``.
 
@@ -142,6 +162,7 @@ def generate(
     embedded)``: what to keep and what to feed back (``[B, 1, W]``). Returns the tokens.
     With ``use_cache`` (and a decoder with ``new_cache``) each step runs the decoder on one
     position; otherwise the whole sequence is recomputed: the same tokens either way.
+    ``prefix_mask [B, S]`` (False: a pad nobody attends to) is passed on as ``mask=``.
     """
     cache = None
     if use_cache:
@@ -150,18 +171,25 @@ def generate(
                 f"{type(decoder).__name__} has no new_cache(max_len); pass use_cache=False"
             )
         cache = decoder.new_cache(prefix.shape[1] + steps)
-    sequence, tokens = prefix, []
-    h = decoder(prefix, cache)[:, -1:] if cache is not None else decoder(prefix)[:, -1:]
+
+    def run(x: Tensor, mask: Tensor | None) -> Tensor:
+        args = () if cache is None else (cache,)
+        return decoder(x, *args) if mask is None else decoder(x, *args, mask=mask)
+
+    sequence, mask, tokens = prefix, prefix_mask, []
+    h = run(prefix, prefix_mask)[:, -1:]
     for step in range(steps):
         token, embedded = next_token(h)
         tokens.append(token)
         if step == steps - 1:
             break
+        new_mask = None if mask is None else mask.new_ones(len(embedded), embedded.shape[1])
         if cache is not None:
-            h = decoder(embedded, cache)
+            h = run(embedded, new_mask)
         else:
             sequence = torch.cat([sequence, embedded], dim=1)
-            h = decoder(sequence)[:, -1:]
+            mask = None if mask is None else torch.cat([mask, new_mask], dim=1)
+            h = run(sequence, mask)[:, -1:]
     return tokens
 
 
@@ -174,6 +202,7 @@ def sample_soft_tokens(
     num_tokens: int,
     *,
     uncond_prefix: Tensor | None = None,
+    prefix_mask: Tensor | None = None,
     guidance: float = 0.0,
     temperature: float = 1.0,
     sampler: str = "exact",
@@ -183,9 +212,11 @@ def sample_soft_tokens(
     """``num_tokens`` soft tokens ``[B, N, d]`` after ``prefix [B, S, W]``, one at a time.
 
     Each token is drawn from ``head``'s mixture with ``temperature`` on sigma. With
-    ``guidance = w != 0``, ``uncond_prefix`` (same shape, e.g. the prompt dropped) runs
-    alongside and tokens come from :func:`jetblocks.sample_guided` (``sampler``: ``"exact"``
-    guided Gaussian or the reference's ``"rejection"`` sampler); both rows get the token.
+    ``guidance = w != 0``, ``uncond_prefix`` (same shape, e.g. the prompt dropped, every
+    position visible) runs alongside and tokens come from :func:`jetblocks.sample_guided`
+    (``sampler``: ``"exact"`` guided Gaussian or the reference's ``"rejection"`` sampler);
+    both rows get the token. ``prefix_mask [B, S]`` marks padding of the prompts (see
+    :func:`generate`).
     """
     guided = guidance != 0.0
     if guided:
@@ -194,6 +225,8 @@ def sample_soft_tokens(
                 f"guidance {guidance} needs uncond_prefix of prefix's shape {list(prefix.shape)}"
             )
         prefix = torch.cat([prefix, uncond_prefix])
+        if prefix_mask is not None:
+            prefix_mask = torch.cat([prefix_mask, torch.ones_like(prefix_mask)])
     rows = len(prefix) // 2 if guided else len(prefix)
 
     def next_token(h: Tensor) -> tuple[Tensor, Tensor]:
@@ -207,7 +240,10 @@ def sample_soft_tokens(
         token = mixture.sample(temperature, generator=generator)
         return token, embed(token.to(prefix.dtype))
 
-    return torch.cat(generate(decoder, prefix, num_tokens, next_token, use_cache=use_cache), 1)
+    tokens = generate(
+        decoder, prefix, num_tokens, next_token, prefix_mask=prefix_mask, use_cache=use_cache
+    )
+    return torch.cat(tokens, dim=1)
 
 
 def _rows(mixture: GaussianMixture, rows: slice) -> GaussianMixture:

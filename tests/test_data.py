@@ -32,6 +32,38 @@ def numbered(count: int, shape=(3, 2, 2)) -> ArraySource:
     return ArraySource(images.contiguous(), torch.arange(count))
 
 
+class Captioned(ArraySource):
+    """An :class:`ArraySource` of random, left-right asymmetric images whose batches also carry
+    per-item ``text`` and ``text_mask`` fields (like the JetFormer captioned sources)."""
+
+    def __init__(self, count: int, shape=(3, 3, 5)):
+        generator = torch.Generator().manual_seed(count)
+        images = torch.randint(0, 256, (count, *shape), dtype=torch.uint8, generator=generator)
+        assert all(not torch.equal(image, image.flip(-1)) for image in images)
+        super().__init__(images, torch.arange(count))
+        self.text = torch.arange(count * 4).view(count, 4)
+        self.text_mask = torch.arange(count * 4).view(count, 4) % 3 == 0
+
+    def batch(self, indices):
+        chosen = torch.as_tensor(indices, dtype=torch.long)
+        return {
+            **super().batch(chosen),
+            "text": self.text[chosen],
+            "text_mask": self.text_mask[chosen],
+        }
+
+
+def flipped(batch: dict, plain: dict) -> torch.Tensor:
+    """Which examples of ``batch`` are ``plain``'s mirrored; fails unless every other field
+    equals ``plain``'s and each image is exactly ``plain``'s or its mirror image."""
+    assert batch.keys() == plain.keys()
+    assert all(torch.equal(batch[k], plain[k]) for k in batch if k != "image")
+    mirrored = (batch["image"] == plain["image"].flip(-1)).flatten(1).all(1)
+    unchanged = (batch["image"] == plain["image"]).flatten(1).all(1)
+    assert bool((mirrored ^ unchanged).all())
+    return mirrored
+
+
 def take(loader, count: int) -> list[dict]:
     iterator = iter(loader)
     return [next(iterator) for _ in range(count)]
@@ -444,3 +476,69 @@ def test_invalid_pipelines_are_refused():
         image_loader(numbered(5), 4, seed=0, world_size=2)
     with pytest.raises(ValueError, match="rank"):
         image_loader(numbered(5), 1, seed=0, rank=2, world_size=2)
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+
+def test_flip_mirrors_about_half_of_the_images_and_nothing_else():
+    source = Captioned(40)
+    plain = take(image_loader(source, 8, seed=3), 15)  # 3 epochs of 5 batches
+    for batch in plain:  # flip=False: the source's images as they are
+        assert torch.equal(batch["image"], source.images[batch["label"]])
+    augmented = take(image_loader(source, 8, seed=3, flip=True), 15)
+    flips = torch.stack([flipped(a, p) for a, p in zip(augmented, plain, strict=True)])
+    assert 0.35 < flips.float().mean() < 0.65  # 120 fair coins
+    assert int(flips.sum(1).min()) > 0 and int(flips.sum(1).max()) < 8  # mixed within batches
+    per_epoch = torch.zeros(3, 40, dtype=torch.bool)  # item i's flip in each epoch
+    for step, (batch, bits) in enumerate(zip(augmented, flips, strict=True)):
+        per_epoch[step // 5, batch["label"]] = bits
+    assert not torch.equal(per_epoch[0], per_epoch[1]) and not torch.equal(
+        per_epoch[1], per_epoch[2]
+    )
+
+
+def test_flips_follow_the_seed():
+    source = Captioned(24)
+    settings = dict(shuffle=False, flip=True, epochs=2)  # same order: only the flips can differ
+    first = list(image_loader(source, 6, seed=1, **settings))
+    assert same_batches(list(image_loader(source, 6, seed=1, **settings)), first)
+    other = list(image_loader(source, 6, seed=2, **settings))
+    plain = list(image_loader(source, 6, seed=1, shuffle=False, epochs=2))
+    first_bits = torch.cat([flipped(a, p) for a, p in zip(first, plain, strict=True)])
+    other_bits = torch.cat([flipped(a, p) for a, p in zip(other, plain, strict=True)])
+    assert not torch.equal(first_bits, other_bits)
+
+
+def test_flips_do_not_depend_on_workers_threads_or_the_global_rng():
+    source = Captioned(30)
+    settings = dict(seed=4, drop_last=False, epochs=3, flip=True)
+    torch.manual_seed(0)
+    inline = list(image_loader(source, 4, num_workers=0, **settings))
+    torch.manual_seed(1)
+    threaded = list(image_loader(source, 4, num_workers=2, prefetch=3, **settings))
+    assert same_batches(threaded, inline)
+    plain = list(image_loader(source, 4, seed=4, drop_last=False, epochs=3))
+    assert any(flipped(a, p).any() for a, p in zip(inline, plain, strict=True))
+    ranks = [list(image_loader(source, 2, rank=r, world_size=2, **settings)) for r in range(2)]
+    for step, whole in enumerate(inline):  # ranks' halves still glue into the whole batch
+        glued = {key: torch.cat([ranks[r][step][key] for r in range(2)]) for key in whole}
+        assert same_batches([glued], [whole]), step
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resuming_keeps_the_flips_of_an_uninterrupted_run(workers):
+    source = Captioned(11)
+    settings = dict(seed=7, num_workers=workers, flip=True)
+    reference = take(image_loader(source, 3, **settings), 10)  # 3 batches per epoch
+    plain = take(image_loader(source, 3, seed=7), 10)
+    assert any(flipped(a, p).any() for a, p in zip(reference, plain, strict=True))
+    for done in (0, 2, 3, 4, 7):  # 3 and 7: right after / across epoch boundaries
+        loader = image_loader(source, 3, **settings)
+        assert same_batches(take(loader, done), reference[:done])
+        state = json.loads(json.dumps(loader.state_dict()))
+        resumed = image_loader(
+            source, 3, **{**settings, "num_workers": workers + 1 if workers else 0}
+        )
+        resumed.load_state_dict(state)
+        assert same_batches(take(resumed, 10 - done), reference[done:]), done

@@ -1,5 +1,6 @@
 """The JetFormer example (examples/jetformer) and the Jet-as-tokenizer example."""
 
+import dataclasses
 import json
 import os
 import re
@@ -21,6 +22,7 @@ from examples.jetformer import run as run_module  # noqa: E402
 from examples.jetformer.__main__ import main  # noqa: E402
 from examples.jetformer.data import (  # noqa: E402
     describe,
+    layout_captions,
     parse_caption,
     scene_agreement,
     shapes_dataset,
@@ -79,11 +81,143 @@ def test_kv_cache_sampling_under_bf16_autocast():
     assert tokens.shape == (2, 16, 2) and torch.isfinite(tokens).all()
 
 
-def batch_losses(model, text_first, drop=None):
-    images = torch.rand(4, 1, 8, 8) * 2 - 1
+def test_dropout_is_on_in_training_and_off_in_evaluation():
+    model = small_model(dataclasses.replace(SMALL, dropout=0.5))
+    text_first = torch.ones(4, dtype=torch.bool)
+    with torch.no_grad():
+        evaluated = [batch_losses(model.eval(), text_first)["image_bits"] for _ in range(2)]
+        trained = [batch_losses(model.train(), text_first)["image_bits"] for _ in range(2)]
+    torch.testing.assert_close(evaluated[0], evaluated[1])
+    assert not torch.allclose(trained[0], trained[1])
+    assert not torch.allclose(trained[0], evaluated[0])
+    blocks = model.decoder.blocks
+    assert all(block.drop.p == 0.5 for block in blocks)
+
+
+def test_input_noise_reaches_text_first_rows_in_training_only():
+    noisy = small_model(dataclasses.replace(SMALL, input_noise_std=0.3))
+    clean = small_model()
+    text_first = torch.tensor([True, True, False, False])
+
+    def losses(model, seed):
+        with torch.no_grad():
+            return batch_losses(model, text_first, generator=torch.Generator().manual_seed(seed))
+
+    reference = losses(clean.train(), 0)
+    first, second = losses(noisy.train(), 0), losses(noisy.train(), 1)
+    assert (first["image_bits"][:2] - reference["image_bits"][:2]).abs().min() > 0
+    assert not torch.allclose(first["image_bits"][:2], second["image_bits"][:2])
+    # image-first (captioning) rows see clean tokens: their caption loss is untouched
+    torch.testing.assert_close(first["text_nll"][2:], reference["text_nll"][2:])
+    torch.testing.assert_close(losses(noisy.eval(), 0), losses(clean.eval(), 0))
+
+
+def test_untied_text_output_has_its_own_layer_with_the_reference_init():
+    config = dataclasses.replace(SMALL, num_vocab_repeats=1, untie_output_vocab=True)
+    model = JetFormer(config)
+    assert model.text_out.weight.shape == (config.total_vocab, config.width)
+    assert abs(model.text_out.weight.std().item() - 1.0) < 0.1 and not model.text_out.bias.any()
+    h = torch.randn(2, 3, config.width)
+    torch.testing.assert_close(model.text_logits(h), model.text_out(h))
+    tied = JetFormer(dataclasses.replace(config, untie_output_vocab=False))
+    assert tied.text_out is None
+    torch.testing.assert_close(tied.text_logits(h), h @ tied.text_embed.weight.T)
+    with pytest.raises(ValueError, match="untie_output_vocab needs num_vocab_repeats == 1"):
+        dataclasses.replace(SMALL, untie_output_vocab=True)
+
+
+def test_decoder_and_image_embedding_use_lecun_truncated_normal_init():
+    torch.manual_seed(0)
+    config = dataclasses.replace(SMALL, width=256, mlp_dim=512, head_dim=64)
+    model = JetFormer(config)
+    layers = [
+        model.image_embed,
+        model.decoder.blocks[0].attn.query,
+        model.decoder.blocks[1].mlp.down,
+    ]
+    for layer in layers:
+        fan_in = layer.weight.shape[1]
+        std = layer.weight.std().item()
+        assert abs(std * fan_in**0.5 - 1.0) < 0.08, (layer, std * fan_in**0.5)
+        bound = 2 / 0.87962566103423978 / fan_in**0.5  # truncated at 2 sigma of the normal
+        assert layer.weight.abs().max().item() <= bound + 1e-6
+    assert not model.image_embed.bias.any()
+    head = JetFormer(dataclasses.replace(SMALL, head_mean_init_std=0.0)).head
+    assert not head.proj.weight.any() and not head.proj.bias.any()  # the reference's zeros
+    assert JetFormer(SMALL).head.proj.bias.abs().sum() > 0  # the default breaks the symmetry
+
+
+def test_padding_layouts_and_masked_pads_change_nothing():
+    ids = torch.tensor([[5, 6, EOS_ID, PAD_ID, PAD_ID], [7, EOS_ID, PAD_ID, PAD_ID, PAD_ID]])
+    with_eos = ids != PAD_ID
+    text, loss, mask = layout_captions(ids, with_eos, EOS_ID, ignore_pad=False)
+    assert text.tolist() == [[5, 6, EOS_ID, EOS_ID, EOS_ID], [7, EOS_ID, EOS_ID, EOS_ID, EOS_ID]]
+    assert loss.all() and mask.all()
+    text, loss, mask = layout_captions(ids, with_eos, EOS_ID, ignore_pad=True)
+    assert torch.equal(text, ids) and torch.equal(loss, with_eos)
+    assert mask.tolist() == [[1, 1, 0, 0, 0], [1, 0, 0, 0, 0]]
+    # masked pads are invisible: other ids there change no loss and no sampled token
+    config = dataclasses.replace(SMALL, text_len=5, num_vocab_repeats=1, vocab_size=12)
+    model = small_model(config)
+    images = torch.rand(2, 1, 8, 8) * 2 - 1
+    other = torch.where(mask, text, torch.full_like(text, 9))  # EOS and pads changed
+    other_pads = torch.where(loss, text, torch.full_like(text, 9))  # pads (not targets) changed
+    with torch.no_grad():
+        ones = torch.ones(2, dtype=torch.bool)
+        image_bits = [
+            model(images, t, loss, ones, text_mask=mask)["image_bits"] for t in (text, other)
+        ]
+        text_nll = [
+            model(images, t, loss, ~ones, text_mask=mask)["text_nll"] for t in (text, other_pads)
+        ]
+        unmasked = model(images, other, loss, ones)["image_bits"]
+    torch.testing.assert_close(image_bits[0], image_bits[1])
+    torch.testing.assert_close(text_nll[0], text_nll[1], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(image_bits[0], unmasked)  # without the mask the pads are seen
+    tokens = [
+        sample_image_tokens(
+            model,
+            prompt,
+            text_mask=mask,
+            guidance=guidance,
+            temperature=0.9,
+            generator=torch.Generator().manual_seed(0),
+            use_cache=use_cache,
+        )
+        for prompt in (text, other)
+        for guidance in (0.0, 2.0)
+        for use_cache in (True, False)
+    ]
+    for got in tokens[1:4]:  # cache or not, with or without guidance: the tokens of row 0
+        assert got.shape == tokens[0].shape
+    for plain, padded in zip(tokens[:4], tokens[4:], strict=True):
+        torch.testing.assert_close(plain, padded, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tokens[0], tokens[1], atol=1e-5, rtol=1e-5)
+    # a padded prompt samples what the same prompt without any padding does (positions skip
+    # pads); unguided: the unconditional prompt is text_len NOLABEL tokens, as the reference
+    short, padded = (
+        sample_image_tokens(
+            model, prompt, text_mask=prompt_mask, generator=torch.Generator().manual_seed(0)
+        )
+        for prompt, prompt_mask in ((text[:1, :2], None), (text[:1], mask[:1]))
+    )
+    torch.testing.assert_close(short, padded, atol=1e-5, rtol=1e-5)
+
+
+def test_rejection_sampler_runs_through_the_example():
+    model = small_model()
+    tokens = sample_image_tokens(
+        model, torch.tensor([[3], [7]]), guidance=3.0, temperature=0.94, sampler="rejection",
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    assert tokens.shape == (2, 16, 2) and torch.isfinite(tokens).all()
+
+
+def batch_losses(model, text_first, drop=None, generator=None):
+    images = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     text = torch.tensor([[1], [2], [3], [4]])
     mask = torch.ones(4, 1, dtype=torch.bool)
-    return model(images, text, mask, text_first, drop)
+    return model(images, text, mask, text_first, drop, generator=generator)
 
 
 def test_image_first_examples_do_not_train_jet():

@@ -60,6 +60,8 @@ def cmd_train(args) -> dict:
             spec["train"]["bf16"] = True
         if args.conditioning == "text" and spec["conditioning"] == "class":
             spec = with_text_conditioning(spec)
+        for setting in args.set or ():
+            apply_setting(spec, setting)
     data = RunData(spec, out, create_tokenizer=not resuming)
     if env.is_main and not resuming:
         write_run_file(out, args.preset, spec)
@@ -84,7 +86,7 @@ def cmd_train(args) -> dict:
     eval_batch = min(args.eval_batch_size, len(data.test))
     trainer = Trainer(
         JetFormer(model_config),
-        JetFormerTask(task_config, data.prompts),
+        JetFormerTask(task_config, data.prompts, data.prompt_mask),
         train_config,
         model_config=model_config.to_dict(),
         train_loader=data.loader("train", local, env, args.seed, training=True),
@@ -110,26 +112,44 @@ def cmd_train(args) -> dict:
     return summary
 
 
-def _prompts(data: RunData, given: Sequence[str] | None) -> tuple[torch.Tensor, list[str]]:
+def apply_setting(spec: dict, setting: str) -> None:
+    """``section.key=value`` (value as JSON, else a string) into the preset ``spec``."""
+    name, sep, text = setting.partition("=")
+    section, dot, key = name.partition(".")
+    if not sep or not dot or section not in ("model", "train", "task", "sample"):
+        raise ValueError(
+            f"--set expects SECTION.KEY=VALUE with SECTION one of model, train, task, sample; "
+            f"got {setting!r}"
+        )
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
+    spec[section][key] = value
+
+
+def _prompts(data: RunData, given: Sequence[str] | None):
+    """``(ids, mask, texts)`` of the given prompts (class ids or captions), else the run's."""
     if not given:
-        return data.prompts, data.prompt_texts
+        return data.prompts, data.prompt_mask, data.prompt_texts
     if data.tokenizer is None:
-        return torch.tensor([[int(c)] for c in given]), list(given)
-    return data.tokenizer.encode_batch(list(given), data.prompts.shape[1])[0], list(given)
+        ids = torch.tensor([[int(c)] for c in given])
+        return ids, torch.ones_like(ids, dtype=torch.bool), list(given)
+    ids, _, mask = data.encode(list(given))
+    return ids, mask, list(given)
 
 
 def cmd_sample(args) -> dict:
     device = _device(args)
     model, data = load_run(args.run_dir, device)
-    prompts, texts = _prompts(data, args.prompt)
+    prompts, masks, texts = _prompts(data, args.prompt)
     text = prompts.repeat_interleave(args.per_prompt, dim=0).to(device)
+    text_mask = masks.repeat_interleave(args.per_prompt, dim=0).to(device)
     generator = torch.Generator(device).manual_seed(args.seed)
-    spec = data.spec["sample"]
-    guidance = spec["guidance"] if args.guidance is None else args.guidance
-    temperature = spec["temperature"] if args.temperature is None else args.temperature
+    guidance, temperature, sampler = _sampling(data.spec, args)
     images = sample_images(
-        model, text, guidance=guidance, temperature=temperature, generator=generator,
-        use_cache=not args.no_cache,
+        model, text, text_mask=text_mask, guidance=guidance, temperature=temperature,
+        sampler=sampler, generator=generator, use_cache=not args.no_cache,
     )  # fmt: skip
     path = save_grid(to_uint8(images), args.out, ncols=args.per_prompt)
     print(f"{path}: one row per prompt, guidance {guidance}, temperature {temperature}")
@@ -172,15 +192,24 @@ def _timed_sampling(model, text, guidance, temperature, device, use_cache) -> fl
     return time.perf_counter() - start
 
 
+def _sampling(spec: dict, args) -> tuple[float, float, str]:
+    """Guidance, temperature and sampler: the run's ``sample`` settings unless overridden."""
+    settings = spec["sample"]
+    guidance = settings["guidance"] if args.guidance is None else args.guidance
+    temperature = settings["temperature"] if args.temperature is None else args.temperature
+    sampler = args.sampler or settings.get("sampler", "exact")
+    return guidance, temperature, sampler
+
+
 def cmd_measure(args) -> dict:
     """Held-out bits/dim, conditioning consistency with and without guidance, sampling speed."""
     device = _device(args)
     model, data = load_run(args.run_dir, device)
     spec, run = data.spec, Path(args.run_dir)
-    guidance, temperature = spec["sample"]["guidance"], spec["sample"]["temperature"]
+    guidance, temperature, sampler = _sampling(spec, args)
     results: dict = {"run": str(run), "preset": read_json(run / "run.json")["preset"]}
     task_config = TaskConfig(conditioning=spec["conditioning"], **spec["task"])
-    task = JetFormerTask(task_config, data.prompts)
+    task = JetFormerTask(task_config, data.prompts, data.prompt_mask)
     generator = torch.Generator(device).manual_seed(10_007)
     sums: dict[str, float] = {}
     with torch.no_grad():
@@ -196,16 +225,18 @@ def cmd_measure(args) -> dict:
         accuracy = (predict(classifier, data.test.images) == data.test.labels).float().mean()
         results["classifier_test_accuracy"] = accuracy.item()
         labels = torch.arange(len(data.prompts)).repeat_interleave(n)
-        text = data.prompts[labels].to(device)  # the label, or "a handwritten <name>"
+        text, text_mask = data.prompts[labels], data.prompt_mask[labels]  # label or caption
     else:
         scenes = data.test_scenes[: args.scenes]
-        texts = [describe(scene) for scene in scenes]
-        text = data.tokenizer.encode_batch(texts, data.prompts.shape[1])[0].to(device)
+        text, _, text_mask = data.encode([describe(scene) for scene in scenes])
+    text, text_mask = text.to(device), text_mask.to(device)
     for w in (0.0, guidance):
         generator = torch.Generator(device).manual_seed(args.seed)
-        images = to_uint8(
-            sample_images(model, text, guidance=w, temperature=temperature, generator=generator)
-        ).cpu()
+        images = sample_images(
+            model, text, text_mask=text_mask, guidance=w, temperature=temperature,
+            sampler=sampler, generator=generator,
+        )  # fmt: skip
+        images = to_uint8(images).cpu()
         if labelled:
             score = (predict(classifier, images) == labels).float().mean().item()
             results[f"class_consistency_w{w:g}"] = score
@@ -214,7 +245,7 @@ def cmd_measure(args) -> dict:
             score = sum(scene_agreement(im, s) for im, s in zip(images, scenes, strict=True))
             results[f"caption_consistency_w{w:g}"] = score / len(scenes)
             save_grid(images, run / f"measure_w{w:g}.png", ncols=8)
-    results["temperature"] = temperature
+    results.update(guidance=guidance, temperature=temperature, sampler=sampler)
     if spec["conditioning"] == "text":
         ids = caption_images(model, data.test.images[: args.scenes].to(device))
         captions = [data.tokenizer.decode(row.tolist()) for row in ids]
@@ -276,6 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="text: condition a labelled set on generated captions instead of labels",
     )
+    train.add_argument(
+        "--set",
+        action="append",
+        metavar="SECTION.KEY=VALUE",
+        help="override any preset value, e.g. model.dropout=0.1 or task.text_first_prob=0.5",
+    )
     train.add_argument("--eval-every", type=int, default=None)
     train.add_argument("--checkpoint-every", type=int, default=None)
     train.add_argument("--eval-batch-size", type=int, default=250)
@@ -287,8 +324,6 @@ def build_parser() -> argparse.ArgumentParser:
     sample = commands.add_parser("sample", help="PNG grid: one row per class or prompt")
     sample.add_argument("--prompt", action="append", help="a class id or a caption (repeat)")
     sample.add_argument("--per-prompt", type=int, default=8)
-    sample.add_argument("--guidance", type=float, default=None)
-    sample.add_argument("--temperature", type=float, default=None)
     sample.add_argument("--no-cache", action="store_true", help="recompute instead of KV cache")
     sample.add_argument("--out", required=True)
     sample.set_defaults(run=cmd_sample)
@@ -298,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     caption.set_defaults(run=cmd_caption)
 
     measure = commands.add_parser("measure", help="bits/dim, consistency, sampling speed")
-    measure.add_argument("--per-prompt", type=int, default=10)
+    measure.add_argument("--per-prompt", type=int, default=50)
     measure.add_argument("--scenes", type=int, default=64)
     measure.add_argument("--speed-batch", type=int, default=10)
     measure.set_defaults(run=cmd_measure)
@@ -307,6 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--run", dest="run_dir", required=True, help="a run directory made by train"
         )
+    for sub in (sample, measure):
+        sub.add_argument("--guidance", type=float, default=None, help="default: the preset's")
+        sub.add_argument("--temperature", type=float, default=None, help="default: the preset's")
+        sub.add_argument("--sampler", choices=("exact", "rejection"), default=None)
     for sub in (train, sample, caption, measure):
         sub.add_argument("--seed", type=int, default=0)
         sub.add_argument("--device", default=None)
@@ -319,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, TypeError, FileNotFoundError) as error:
         print(f"jetformer {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

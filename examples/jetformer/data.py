@@ -10,7 +10,8 @@ example can score how well generated images match their prompts.
 **Digits**: captions such as ``"a handwritten seven"`` or ``"the digit 7"`` for labelled sets.
 
 :class:`CaptionedSource` is an image source (see ``jetblocks.integrations.datasets``) whose
-batches also hold ``text`` (token ids ``[B, L]``) and ``text_mask`` (the caption loss mask).
+batches also hold ``text`` (token ids ``[B, L]``), ``text_loss`` and ``text_mask``
+(:func:`layout_captions`: the reference's ``ignore_pad`` layouts).
 """
 
 from __future__ import annotations
@@ -201,23 +202,44 @@ def digit_captions(labels: Sequence[int], seed: int) -> list[str]:
 
 
 class CaptionedSource(ArraySource):
-    """An :class:`ArraySource` whose batches also carry tokenized captions and their mask."""
+    """An :class:`ArraySource` whose batches also carry tokenized captions: ``text`` (ids),
+    ``text_loss`` (the caption loss mask) and ``text_mask`` (which ids may be attended)."""
 
-    def __init__(self, images: Tensor, labels: Tensor, text: Tensor, text_mask: Tensor):
+    def __init__(
+        self, images: Tensor, labels: Tensor, text: Tensor, text_loss: Tensor, text_mask: Tensor
+    ):
         super().__init__(images, labels, name="captioned images")
-        if not len(images) == len(text) == len(text_mask):
+        if not len(images) == len(text) == len(text_loss) == len(text_mask):
             raise ValueError(
-                f"{len(images)} images but {len(text)} captions and {len(text_mask)} masks"
+                f"{len(images)} images but {len(text)} captions and {len(text_loss)}, "
+                f"{len(text_mask)} masks"
             )
-        self.text, self.text_mask = text, text_mask
+        self.text, self.text_loss, self.text_mask = text, text_loss, text_mask
 
     def batch(self, indices: Sequence[int]) -> dict[str, Tensor]:
         chosen = torch.as_tensor(indices, dtype=torch.long)
         return {
             **super().batch(chosen),
             "text": self.text[chosen],
+            "text_loss": self.text_loss[chosen],
             "text_mask": self.text_mask[chosen],
         }
+
+
+def layout_captions(
+    ids: Tensor, with_eos: Tensor, eos_id: int, ignore_pad: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(text, text_loss, text_mask)`` of captions in the reference's two layouts.
+
+    ``ids [B, L]`` hold each caption and its EOS (``with_eos`` True there) then pads.
+    ``ignore_pad=False``: the pads become EOS, every position is attended and trained (the
+    model learns to repeat EOS). ``ignore_pad=True``: pads stay, only the caption is
+    attended, the loss covers the caption and its EOS.
+    """
+    if ignore_pad:
+        return ids, with_eos, with_eos & (ids != eos_id)
+    everything = torch.ones_like(with_eos)
+    return torch.where(with_eos, ids, torch.full_like(ids, eos_id)), everything, everything
 
 
 __all__ = [
@@ -228,6 +250,7 @@ __all__ = [
     "describe",
     "digit_captions",
     "digit_of_caption",
+    "layout_captions",
     "parse_caption",
     "parse_scene",
     "random_scene",

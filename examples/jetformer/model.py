@@ -123,10 +123,13 @@ class RMSNorm(nn.Module):
 
 
 def rope(x: Tensor, positions: Tensor, base: float) -> Tensor:
-    """Rotary position embedding of ``x [B, H, T, d]`` at ``positions [T]`` (halves rotated)."""
+    """Rotary position embedding of ``x [B, H, T, d]`` at ``positions [T]`` or ``[B, T]``
+    (halves rotated)."""
     half = x.shape[-1] // 2
     freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
-    angles = positions.float()[:, None] * freq  # [T, half]
+    angles = positions.float()[..., None] * freq  # [(B,) T, half]
+    if angles.dim() == 3:
+        angles = angles[:, None]  # one set of positions per row, shared by its heads
     sin, cos = angles.sin().to(x.dtype), angles.cos().to(x.dtype)
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
@@ -147,7 +150,14 @@ class Attention(nn.Module):
         self.key_value = nn.Linear(config.width, 2 * self.kv_heads * self.head_dim, bias=False)
         self.out = nn.Linear(self.heads * self.head_dim, config.width, bias=False)
 
-    def forward(self, x: Tensor, positions: Tensor, cache: KVCache | None, layer: int) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        positions: Tensor,
+        cache: KVCache | None,
+        layer: int,
+        key_mask: Tensor | None,
+    ) -> Tensor:
         q = self.query(x).unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
         k, v = self.key_value(x).unflatten(-1, (2, self.kv_heads, self.head_dim)).unbind(2)
         k, v = k.transpose(1, 2), v.transpose(1, 2)
@@ -157,10 +167,12 @@ class Attention(nn.Module):
             k, v = cache.update(layer, k, v)
         groups = self.heads // self.kv_heads
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        if new == k.shape[2]:  # the whole sequence: plain causal attention
+        if new == k.shape[2] and key_mask is None:  # the whole sequence, nothing masked
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:  # new positions after cached ones
+        else:  # new positions after cached ones, or pads that no position attends to
             mask = causal_mask(new, k.shape[2], device=x.device)
+            if key_mask is not None:
+                mask = mask & key_mask[:, None, None, :]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out(out.transpose(1, 2).flatten(2))
 
@@ -187,8 +199,15 @@ class Block(nn.Module):
         self.mlp_norm, self.mlp = RMSNorm(config.width), GatedMLP(config.width, config.mlp_dim)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, positions: Tensor, cache: KVCache | None, layer: int) -> Tensor:
-        x = x + self.drop(self.attn(self.attn_norm(x), positions, cache, layer))
+    def forward(
+        self,
+        x: Tensor,
+        positions: Tensor,
+        cache: KVCache | None,
+        layer: int,
+        key_mask: Tensor | None,
+    ) -> Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x), positions, cache, layer, key_mask))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
@@ -201,11 +220,22 @@ class Decoder(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
         self.final_norm = RMSNorm(config.width)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, cache: KVCache | None = None, mask: Tensor | None = None
+    ) -> Tensor:
+        """``mask [B, T]`` (False: a pad) hides positions from attention and from the
+        position ids (``positions = cumsum(mask) - 1``, as the reference)."""
         start = cache.length if cache is not None else 0
-        positions = torch.arange(start, start + x.shape[1], device=x.device)
+        key_mask = mask
+        if cache is not None and (mask is not None or cache.mask is not None):
+            new = mask if mask is not None else x.new_ones(x.shape[:2], dtype=torch.bool)
+            key_mask = cache.extend_mask(new)
+        if key_mask is None:
+            positions = torch.arange(start, start + x.shape[1], device=x.device)
+        else:
+            positions = (key_mask.long().cumsum(1) - 1)[:, -x.shape[1] :]
         for layer, block in enumerate(self.blocks):
-            x = block(x, positions, cache, layer)
+            x = block(x, positions, cache, layer, key_mask)
         if cache is not None:
             cache.advance(x.shape[1])
         return self.final_norm(x)
@@ -267,6 +297,20 @@ class JetFormer(nn.Module):
         image_text = torch.cat([boi, x_image, bos, x_text], dim=1)[:, :-1]
         return torch.where(text_first[:, None, None], text_image, image_text)
 
+    def sequence_mask(
+        self, text_mask: Tensor, num_image: int, text_first: Tensor, drop: Tensor | None
+    ) -> Tensor:
+        """Which inputs of :meth:`embed_sequence` may be attended: text positions as
+        ``text_mask [B, L]`` (dropped prompts: all), the special and image tokens always."""
+        if drop is not None:
+            text_mask = text_mask | drop[:, None]
+        text_mask = text_mask.repeat(1, self.config.num_vocab_repeats)
+        one = text_mask.new_ones(len(text_mask), 1)
+        image = text_mask.new_ones(len(text_mask), num_image)
+        text_image = torch.cat([one, text_mask, one, image], dim=1)[:, :-1]
+        image_text = torch.cat([one, image, one, text_mask], dim=1)[:, :-1]
+        return torch.where(text_first[:, None], text_image, image_text)
+
     def text_logits(self, h: Tensor) -> Tensor:
         """Logits over the ``total_vocab`` ids: the transposed embedding table, or untied."""
         if self.text_out is not None:
@@ -278,16 +322,18 @@ class JetFormer(nn.Module):
         self,
         images: Tensor,
         text: Tensor,
-        text_mask: Tensor,
+        text_loss: Tensor,
         text_first: Tensor,
         drop: Tensor | None = None,
         *,
+        text_mask: Tensor | None = None,
         generator: rng.Generator = None,
     ) -> dict[str, Tensor]:
         """Per-example losses of dequantized ``images [B, C, H, W]`` and ``text [B, L]``.
 
         ``image_bits``: JetFormer's image NLL in bits per pixel-dim (text-first examples);
-        ``text_nll``: mean cross-entropy (nats) over ``text_mask`` tokens (image-first).
+        ``text_nll``: mean cross-entropy (nats) over the ``text_loss`` tokens (image-first).
+        ``text_mask [B, L]`` (default: all True) hides pads from attention.
         Image-first examples see Jet's tokens with the gradient stopped (the flow is not
         trained to caption). In training mode text-first soft tokens get ``input_noise_std``
         noise from ``generator`` (the decoder sees and scores the noisy tokens, as the
@@ -300,7 +346,10 @@ class JetFormer(nn.Module):
             noisy = add_input_noise(kept, cfg.input_noise_std, generator=generator)
             kept = torch.where(text_first[:, None, None], noisy, kept)
         kept = torch.where(text_first[:, None, None], kept, kept.detach())
-        h = self.decoder(self.embed_sequence(text, kept, text_first, drop))
+        mask = None
+        if text_mask is not None and not bool(text_mask.all()):
+            mask = self.sequence_mask(text_mask, kept.shape[1], text_first, drop)
+        h = self.decoder(self.embed_sequence(text, kept, text_first, drop), mask=mask)
         n, p = kept.shape[1], cfg.prefix_len
         h_image = torch.where(text_first[:, None, None], h[:, p + 1 : p + 1 + n], h[:, :n])
         gmm_nll = self.head.nll(h_image, kept)
@@ -310,8 +359,8 @@ class JetFormer(nn.Module):
         )
         logits = self.text_logits(h_text).float()
         token_nll = F.cross_entropy(logits.transpose(1, 2), text, reduction="none")
-        mask = text_mask.float()
-        text_nll = (token_nll * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        weights = text_loss.float()
+        text_nll = (token_nll * weights).sum(1) / weights.sum(1).clamp_min(1.0)
         return {"image_bits": image_bits, "text_nll": text_nll}
 
 
@@ -323,7 +372,8 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
         "jet": count(model.jet),
         "decoder": count(model.decoder),
         "gmm_head": count(model.head),
-        "embeddings": count(model.text_embed) + count(model.image_embed),
+        "embeddings": sum(count(m) for m in (model.text_embed, model.image_embed))
+        + (count(model.text_out) if model.text_out is not None else 0),
     }
 
 

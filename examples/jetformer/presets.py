@@ -30,28 +30,69 @@ _CPU_CLASS_RECIPE = dict(
 )  # fmt: skip
 
 
-def _imagenet(width, depth, head_dim, block_depth, guidance, temperature) -> dict[str, Any]:
-    jet = JetConfig.preset("jetformer_adaptor", block_depth=block_depth)
+# The decoders of big_vision's GIVT_MODELS, and the reference's regularisation: residual
+# dropout 0.1 and up to 0.3 Gaussian noise on the (text-first) soft tokens.
+_DECODERS = {
+    "350m": dict(width=1024, depth=24, mlp_dim=4096, head_dim=64),
+    "750m": dict(width=1536, depth=24, mlp_dim=6144, head_dim=96),
+    "1.3b": dict(width=1536, depth=48, mlp_dim=6144, head_dim=96),
+}
+_REFERENCE_MODEL = dict(keep=128, num_heads=16, num_kv_heads=1, num_mixtures=1024, dropout=0.1,
+                        input_noise_std=0.3)  # fmt: skip
+# Jet ViT depth per decoder; the text-to-image config has no entry for 750M (its table
+# raises a KeyError there), so 750M uses the 350M's Jet.
+_JET_BLOCK_DEPTH = {"350m": 4, "750m": 4, "1.3b": 6}
+
+
+def _imagenet(size: str, guidance: float, temperature: float) -> dict[str, Any]:
+    """``configs/proj/jetformer/jetformer_imagenet2012.py``: 16 class tokens, flips."""
+    jet = JetConfig.preset("jetformer_adaptor", block_depth=_JET_BLOCK_DEPTH[size])
     return dict(
         data="imagenet256/{split}",  # an image folder per split (or pass --data)
         conditioning="class",
+        flip=True,  # random left-right flips of the training images
         model=dict(
             jet=jet.to_dict(),
-            keep=128,
-            width=width,
-            depth=depth,
-            mlp_dim=4 * width,
-            num_heads=16,
-            num_kv_heads=1,
-            head_dim=head_dim,
-            num_mixtures=1024,
+            **_REFERENCE_MODEL,
+            **_DECODERS[size],
             vocab_size=1000,
             text_len=1,
             num_vocab_repeats=16,
         ),
         train=dict(_REFERENCE_RECIPE, steps=312_500, batch_size=2048, bf16=True),
         task=dict(sigma_start=64.0, sigma_end=0.0, drop_prob=0.1, guidance=guidance),
-        sample=dict(guidance=guidance, temperature=temperature),
+        sample=dict(guidance=guidance, temperature=temperature, sampler="rejection"),
+    )
+
+
+def _text_to_image(size: str, guidance: float, temperature: float) -> dict[str, Any]:
+    """``configs/proj/jetformer/jetformer_image_text.py``: 64-token captions, half of the
+    examples image first (captioning), untied text output, curriculum 64 -> 3."""
+    jet = JetConfig.preset("jetformer_adaptor", block_depth=_JET_BLOCK_DEPTH[size])
+    return dict(
+        data="captions256",  # a captioned image folder (--data; see the README)
+        conditioning="text",
+        model=dict(
+            jet=jet.to_dict(),
+            **_REFERENCE_MODEL,
+            **_DECODERS[size],
+            vocab_size=32_000,  # the reference's sentencepiece c4_en (pass --tokenizer)
+            text_len=64,
+            num_vocab_repeats=1,
+            untie_output_vocab=True,
+        ),
+        train=dict(_REFERENCE_RECIPE, steps=500_000, batch_size=4096, bf16=True),
+        task=dict(
+            sigma_start=64.0,
+            sigma_end=3.0,
+            drop_prob=0.1,
+            text_first_prob=0.5,
+            text_weight=0.0025,
+            rgb_noise_on_image_prefix=False,
+            ignore_pad=False,
+            guidance=guidance,
+        ),
+        sample=dict(guidance=guidance, temperature=temperature, sampler="rejection"),
     )
 
 
@@ -125,8 +166,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         task=dict(sigma_start=64.0, sigma_end=0.0, drop_prob=0.1, guidance=2.0),
         sample=dict(guidance=2.0, temperature=0.7),
     ),
-    "imagenet256-350m": _imagenet(1024, 24, 64, 4, 3.0, 0.94),
-    "imagenet256-1.3b": _imagenet(1536, 48, 96, 6, 2.0, 0.93),
+    "imagenet256-350m": _imagenet("350m", 3.0, 0.94),
+    "imagenet256-1.3b": _imagenet("1.3b", 2.0, 0.93),
+    "text256-350m": _text_to_image("350m", 9.0, 0.96),
+    "text256-750m": _text_to_image("750m", 8.0, 0.94),
+    "text256-1.3b": _text_to_image("1.3b", 6.0, 0.96),
 }  # fmt: skip
 
 

@@ -16,7 +16,7 @@ import torch
 
 from jetblocks.checkpoint import load_model_weights, read_json, resolve_checkpoint
 from jetblocks.integrations.datasets import ArraySource
-from jetblocks.integrations.sentencepiece import SentencePieceTokenizer
+from jetblocks.integrations.sentencepiece import EOS_ID, SentencePieceTokenizer
 from jetblocks.integrations.torchdata import image_loader, open_source
 
 from .data import (
@@ -25,6 +25,7 @@ from .data import (
     Scene,
     describe,
     digit_captions,
+    layout_captions,
     random_scene,
     shapes_dataset,
 )
@@ -49,6 +50,7 @@ class RunData:
             self.train, self.test = (self._images(spec["data"], s) for s in ("train", "test"))
             classes = spec["model"]["vocab_size"]
             self.prompts = torch.arange(classes)[:, None]
+            self.prompt_mask = torch.ones_like(self.prompts, dtype=torch.bool)
             self.prompt_texts = [str(c) for c in range(classes)]
         else:
             self._captioned(spec, out_dir, create_tokenizer)
@@ -86,12 +88,16 @@ class RunData:
             self.tokenizer = SentencePieceTokenizer.train(train_captions, 64, model_type="word")
         else:
             self.tokenizer = SentencePieceTokenizer.load(path)
-        length = spec["model"]["text_len"]
-        encode = self.tokenizer.encode_batch
-        self.train = CaptionedSource(train_images, train_labels, *encode(train_captions, length))
-        self.test = CaptionedSource(test_images, test_labels, *encode(test_captions, length))
+        self.train = CaptionedSource(train_images, train_labels, *self.encode(train_captions))
+        self.test = CaptionedSource(test_images, test_labels, *self.encode(test_captions))
         self.test_captions = test_captions
-        self.prompts = encode(self.prompt_texts, length)[0]
+        self.prompts, _, self.prompt_mask = self.encode(self.prompt_texts)
+
+    def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(text, text_loss, text_mask)`` of captions in the run's layout (``ignore_pad``)."""
+        ids, with_eos = self.tokenizer.encode_batch(texts, self.spec["model"]["text_len"])
+        ignore_pad = self.spec["task"].get("ignore_pad", False)
+        return layout_captions(ids, with_eos, EOS_ID, ignore_pad)
 
     def model_config(self) -> JetFormerConfig:
         values = dict(self.spec["model"])

@@ -25,18 +25,28 @@ def _prefix(model: JetFormer, text: Tensor, drop: bool) -> Tensor:
     return torch.cat([*parts, model.special(cfg.boi_id, rows)], dim=1)
 
 
+def _prefix_mask(model: JetFormer, text_mask: Tensor | None) -> Tensor | None:
+    """``[BOS, text, BOI]``'s mask: pads of the prompts hidden (see ``Decoder.forward``)."""
+    if text_mask is None or bool(text_mask.all()):
+        return None
+    one = text_mask.new_ones(len(text_mask), 1)
+    return torch.cat([one, text_mask.repeat(1, model.config.num_vocab_repeats), one], dim=1)
+
+
 @torch.no_grad()
 def sample_image_tokens(
     model: JetFormer,
     text: Tensor,
     *,
+    text_mask: Tensor | None = None,
     guidance: float = 0.0,
     temperature: float = 1.0,
     sampler: str = "exact",
     generator: rng.Generator = None,
     use_cache: bool = True,
 ) -> Tensor:
-    """Kept soft tokens ``[B, N, keep]`` for prompts ``text [B, L]`` (class labels: L = 1)."""
+    """Kept soft tokens ``[B, N, keep]`` for prompts ``text [B, L]`` (class labels: L = 1);
+    ``text_mask`` (False: a pad) hides padding from attention and positions."""
     return sample_soft_tokens(
         model.decoder,
         model.head,
@@ -44,6 +54,7 @@ def sample_image_tokens(
         _prefix(model, text, drop=False),
         model.config.jet_config.num_tokens,
         uncond_prefix=_prefix(model, text, drop=True) if guidance != 0.0 else None,
+        prefix_mask=_prefix_mask(model, text_mask),
         guidance=guidance,
         temperature=temperature,
         sampler=sampler,
@@ -57,6 +68,7 @@ def sample_images(
     model: JetFormer,
     text: Tensor,
     *,
+    text_mask: Tensor | None = None,
     guidance: float = 0.0,
     temperature: float = 1.0,
     sampler: str = "exact",
@@ -67,6 +79,7 @@ def sample_images(
     kept = sample_image_tokens(
         model,
         text,
+        text_mask=text_mask,
         guidance=guidance,
         temperature=temperature,
         sampler=sampler,

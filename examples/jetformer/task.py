@@ -39,6 +39,7 @@ class TaskConfig:
     sigma_end: float = 0.0
     curriculum_steps: int = 1
     rgb_noise_on_image_prefix: bool = True  # False: captioning rows get no curriculum noise
+    ignore_pad: bool = False  # caption layout (see data.layout_captions)
     guidance: float = 0.0  # for the sample grids written during training
 
     def __post_init__(self) -> None:
@@ -49,19 +50,21 @@ class TaskConfig:
         return dataclasses.asdict(self)
 
 
-def text_of(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """``(text [B, L], loss mask [B, L])``: the captions, or the class label as one token."""
+def text_of(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """``(text, text_loss, text_mask)``, each ``[B, L]``: the captions (see
+    :func:`.data.layout_captions`), or the class label as one token."""
     if "text" in batch:
-        return batch["text"], batch["text_mask"].bool()
+        return batch["text"], batch["text_loss"].bool(), batch["text_mask"].bool()
     label = batch["label"][:, None]
-    return label, torch.ones_like(label, dtype=torch.bool)
+    ones = torch.ones_like(label, dtype=torch.bool)
+    return label, ones, ones
 
 
 class JetFormerTask:
     """Loss, evaluation and samples for :class:`jetblocks.train.Trainer`."""
 
-    def __init__(self, config: TaskConfig, prompts: Tensor) -> None:
-        self.config, self.prompts, self.step = config, prompts, 0
+    def __init__(self, config: TaskConfig, prompts: Tensor, prompt_mask: Tensor | None = None):
+        self.config, self.prompts, self.prompt_mask, self.step = config, prompts, prompt_mask, 0
         self.curriculum = NoiseCurriculum(
             config.sigma_start, config.sigma_end, max(1, config.curriculum_steps)
         )
@@ -71,14 +74,16 @@ class JetFormerTask:
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor], generator) -> Tensor:
         cfg, pixels = self.config, batch["image"]
-        text, text_mask = text_of(batch)
+        text, text_loss, text_mask = text_of(batch)
         coins = rng.rand((len(pixels), 2), generator=generator, like=pixels.float())
         text_first = coins[:, 0] < cfg.text_first_prob
         drop = (coins[:, 1] < cfg.drop_prob) & text_first
         noised = None if cfg.rgb_noise_on_image_prefix else text_first
         noisy = self.curriculum(pixels, self.step, rows=noised, generator=generator)
         images = dequantize(noisy, generator=generator)
-        out = model(images, text, text_mask, text_first, drop, generator=generator)
+        out = model(
+            images, text, text_loss, text_first, drop, text_mask=text_mask, generator=generator
+        )
         per_example = torch.where(text_first, out["image_bits"], cfg.text_weight * out["text_nll"])
         return per_example.mean()
 
@@ -87,12 +92,16 @@ class JetFormerTask:
     ) -> dict[str, Tensor]:
         """Held-out image bits/dim (no curriculum noise, no dropout); caption NLL for text."""
         pixels = batch["image"]
-        text, text_mask = text_of(batch)
+        text, text_loss, text_mask = text_of(batch)
         images = dequantize(pixels, generator=generator).to(next(model.parameters()).dtype)
         ones = torch.ones(len(pixels), dtype=torch.bool, device=pixels.device)
-        metrics = {"bits_per_dim": model(images, text, text_mask, ones)["image_bits"]}
+
+        def losses(text_first: Tensor) -> dict[str, Tensor]:
+            return model(images, text, text_loss, text_first, text_mask=text_mask)
+
+        metrics = {"bits_per_dim": losses(ones)["image_bits"]}
         if self.config.text_first_prob < 1.0:
-            metrics["caption_nll"] = model(images, text, text_mask, ~ones)["text_nll"]
+            metrics["caption_nll"] = losses(~ones)["text_nll"]
         return metrics
 
     def sample(
@@ -100,10 +109,12 @@ class JetFormerTask:
     ) -> Tensor:
         """``n`` images for the prompts in turn (class ``i % 10`` or caption ``i % P``)."""
         index = torch.arange(n) % len(self.prompts)
-        text = self.prompts[index].to(next(model.parameters()).device)
+        device = next(model.parameters()).device
+        mask = None if self.prompt_mask is None else self.prompt_mask[index].to(device)
         return sample_images(
             model,
-            text,
+            self.prompts[index].to(device),
+            text_mask=mask,
             guidance=self.config.guidance,
             temperature=temperature,
             generator=generator,
