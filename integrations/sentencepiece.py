@@ -1,7 +1,9 @@
 """Caption tokenizer: train a sentencepiece model from text, load it, encode and decode.
 
-Ids: ``0`` pad, ``1`` unknown, ``2`` end of sentence, then the learned pieces (no BOS: the
-model that consumes the ids adds its own). :meth:`SentencePieceTokenizer.encode_batch` pads
+Ids of a trained model: ``0`` pad, ``1`` unknown, ``2`` end of sentence, then the learned
+pieces (no BOS: the model that consumes the ids adds its own). A loaded model may number
+them otherwise (T5's ``c4_en``, the JetFormer reference's: pad 0, eos 1): ``pad_id`` and
+``eos_id`` are read from it. :meth:`SentencePieceTokenizer.encode_batch` pads
 or cuts captions to a fixed length and appends EOS, returning the ids and a mask of the
 positions a caption loss should cover (the caption and its EOS).
 
@@ -34,10 +36,11 @@ class SentencePieceTokenizer:
     def __init__(self, model_proto: bytes) -> None:
         self.model_proto = model_proto
         self.processor = _spm().SentencePieceProcessor(model_proto=model_proto)
-        if self.processor.pad_id() != PAD_ID or self.processor.eos_id() != EOS_ID:
+        self.pad_id, self.eos_id = self.processor.pad_id(), self.processor.eos_id()
+        if self.pad_id < 0 or self.eos_id < 0:
             raise ValueError(
-                f"expected pad id {PAD_ID} and eos id {EOS_ID}, the model has "
-                f"{self.processor.pad_id()} and {self.processor.eos_id()}"
+                f"the sentencepiece model needs a pad and an eos id, it has pad id "
+                f"{self.pad_id} and eos id {self.eos_id} (-1: none)"
             )
 
     @classmethod
@@ -87,19 +90,19 @@ class SentencePieceTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids``, stopping at the first EOS and skipping padding."""
         ids = [int(i) for i in ids]
-        if EOS_ID in ids:
-            ids = ids[: ids.index(EOS_ID)]
-        return self.processor.decode([i for i in ids if i != PAD_ID])
+        if self.eos_id in ids:
+            ids = ids[: ids.index(self.eos_id)]
+        return self.processor.decode([i for i in ids if i != self.pad_id])
 
     def encode_batch(self, texts: Sequence[str], length: int) -> tuple[Tensor, Tensor]:
         """``(ids int64 [B, length], loss mask bool [B, length])``: caption + EOS, then pads.
 
         Captions longer than ``length - 1`` pieces are cut (the EOS is always kept).
         """
-        ids = torch.full((len(texts), length), PAD_ID, dtype=torch.long)
+        ids = torch.full((len(texts), length), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(texts), length), dtype=torch.bool)
         for row, text in enumerate(texts):
-            pieces = [*self.encode(text)[: length - 1], EOS_ID]
+            pieces = [*self.encode(text)[: length - 1], self.eos_id]
             ids[row, : len(pieces)] = torch.tensor(pieces)
             mask[row, : len(pieces)] = True
         return ids, mask

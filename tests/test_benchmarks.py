@@ -132,3 +132,14 @@ def test_smoke_needs_an_out_and_explicit_flags_win():
                       ["--smoke", "--out", "x.json", "--batch", "4"])  # fmt: skip
     assert (args.out, args.seconds, args.batch) == ("x.json", 0.1, 4)
     assert parse_args(parser(), "results.json", {"seconds": 0.1}, []).out == "results.json"
+
+
+def test_jetformer_quality_smoke_trains_and_measures(tmp_path):
+    report = smoke("jetformer_quality", tmp_path)
+    assert report["settings"]["threads"] == 2 and report["settings"]["seed"] == 0
+    assert report["train"]["step"] == 2
+    measured = report["measure"]
+    assert {"held_out_bits_per_dim", "class_consistency_w0", "class_consistency_w2"} <= set(
+        measured
+    )
+    assert 0.0 <= measured["class_consistency_w2"] <= 1.0

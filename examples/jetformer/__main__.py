@@ -62,7 +62,8 @@ def cmd_train(args) -> dict:
             spec = with_text_conditioning(spec)
         for setting in args.set or ():
             apply_setting(spec, setting)
-    data = RunData(spec, out, create_tokenizer=not resuming)
+    tokenizer = None if resuming else args.tokenizer  # a resumed run keeps its own
+    data = RunData(spec, out, create_tokenizer=not resuming, tokenizer=tokenizer)
     if env.is_main and not resuming:
         write_run_file(out, args.preset, spec)
         if data.tokenizer is not None:
@@ -219,41 +220,41 @@ def cmd_measure(args) -> dict:
                 sums[name] = sums.get(name, 0.0) + values.double().sum().item()
     results.update({f"held_out_{k}": v / len(data.test) for k, v in sums.items()})
 
-    n, labelled = args.per_prompt, spec["data"] != "shapes"
-    if labelled:  # digits: a classifier trained on the real ones judges the samples
+    shapes = spec["data"] == "shapes"
+    digits = not shapes and bool((data.test.labels >= 0).all())  # labels or digit captions
+    n = args.per_prompt
+    if digits:  # a classifier trained on the real digits judges the samples
         classifier = train_classifier(data.train.images, data.train.labels)
         accuracy = (predict(classifier, data.test.images) == data.test.labels).float().mean()
         results["classifier_test_accuracy"] = accuracy.item()
         labels = torch.arange(len(data.prompts)).repeat_interleave(n)
         text, text_mask = data.prompts[labels], data.prompt_mask[labels]  # label or caption
-    else:
+    elif shapes:  # parse_scene reads the scene back from the pixels
         scenes = data.test_scenes[: args.scenes]
         text, _, text_mask = data.encode([describe(scene) for scene in scenes])
-    text, text_mask = text.to(device), text_mask.to(device)
-    for w in (0.0, guidance):
+    for w in (0.0, guidance) if digits or shapes else ():
         generator = torch.Generator(device).manual_seed(args.seed)
         images = sample_images(
-            model, text, text_mask=text_mask, guidance=w, temperature=temperature,
-            sampler=sampler, generator=generator,
+            model, text.to(device), text_mask=text_mask.to(device), guidance=w,
+            temperature=temperature, sampler=sampler, generator=generator,
         )  # fmt: skip
         images = to_uint8(images).cpu()
-        if labelled:
+        if digits:
             score = (predict(classifier, images) == labels).float().mean().item()
             results[f"class_consistency_w{w:g}"] = score
-            save_grid(images, run / f"measure_w{w:g}.png", ncols=n)
         else:
             score = sum(scene_agreement(im, s) for im, s in zip(images, scenes, strict=True))
-            results[f"caption_consistency_w{w:g}"] = score / len(scenes)
-            save_grid(images, run / f"measure_w{w:g}.png", ncols=8)
+            results[f"scene_agreement_w{w:g}"] = score / len(scenes)
+        save_grid(images, run / f"measure_w{w:g}.png", ncols=n if digits else 8)
     results.update(guidance=guidance, temperature=temperature, sampler=sampler)
     if spec["conditioning"] == "text":
         ids = caption_images(model, data.test.images[: args.scenes].to(device))
         captions = [data.tokenizer.decode(row.tolist()) for row in ids]
-        if labelled:
+        if digits:
             found = torch.tensor([digit_of_caption(text) for text in captions])
             correct = found == data.test.labels[: len(ids)]
             results["captioning_accuracy"] = correct.float().mean().item()
-        else:
+        elif shapes:
             scenes = data.test_scenes[: len(ids)]
             results["captioning_accuracy"] = caption_accuracy(captions, scenes)
         results["caption_examples"] = captions[:4]
@@ -296,7 +297,21 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train a preset with jetblocks' Trainer")
     train.add_argument("--preset", default="cpu-tiny", choices=sorted(PRESETS))
-    train.add_argument("--data", default=None, help="override the preset's data (or 'synthetic')")
+    train.add_argument(
+        "--data",
+        default=None,
+        help="override the preset's data: a built-in set, a path, 'synthetic' (random images "
+        "and, for text, random captions), or for text conditioning a captioned image folder "
+        '(images + captions.jsonl, lines {"file": "relative/path.png", "caption": "..."})',
+    )
+    train.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="PATH.model",
+        help="text conditioning: this sentencepiece model (copied into the run as "
+        "tokenizer.model) instead of one trained from the captions; its vocabulary size must "
+        "equal model.vocab_size unless that is null",
+    )
     train.add_argument("--steps", type=int, default=None)
     train.add_argument("--batch-size", type=int, default=None)
     train.add_argument("--lr", type=float, default=None)
