@@ -104,7 +104,7 @@ def train(args: argparse.Namespace, peak: float, budget: Budget) -> dict:
         "model_gflop_per_image": per_image / 1e9,
     }  # fmt: skip
     for mode in args.modes:
-        calls = workloads(config, args.batch, True, mode == "compiled", args.device,
+        calls = workloads(config, args.batch, True, mode, args.device,
                           compile_backend=args.compile_backend)  # fmt: skip
         row = measure(calls["train"], args.batch, args.seconds)
         row["mfu"] = per_image * row["images_per_s"] / 1e9 / peak
@@ -126,7 +126,7 @@ def attention(args: argparse.Namespace, peak: float, budget: Budget) -> dict:
         outputs = {}
         for backend in backends:
             variant = dataclasses.replace(config, attention_backend=backend)
-            calls = workloads(variant, args.batch, precision == "bf16", False, args.device)
+            calls = workloads(variant, args.batch, precision == "bf16", "eager", args.device)
             outputs[backend] = calls["encode"]()
             if precision == "bf16":
                 ops = ("encode", "train")
@@ -255,7 +255,7 @@ def encode_decode(args: argparse.Namespace, peak: float, budget: Budget) -> dict
     result = {"settings": {"config": args.config, "batch": args.infer_batch,
                            "seconds": args.seconds, "mode": "eager"}}  # fmt: skip
     for precision in ("fp32", "bf16"):
-        calls = workloads(config, args.infer_batch, precision == "bf16", False, args.device)
+        calls = workloads(config, args.infer_batch, precision == "bf16", "eager", args.device)
         ops = ("encode", "decode")
         result[precision] = {op: measure(calls[op], args.infer_batch, args.seconds) for op in ops}
         del calls

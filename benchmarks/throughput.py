@@ -1,7 +1,8 @@
 """Images per second of Jet's encode, decode and training step on this machine; writes JSON.
 
 For each named configuration, batch size, precision (``fp32``, ``bf16`` autocast) and mode
-(``eager``, ``compiled`` with ``torch.compile``) it times
+(``eager``, ``compiled`` with ``torch.compile``, ``frozen``: inference compiled with
+Inductor's freezing) it times
 
 - ``encode``: the flow's forward ``jet(images)`` on float images, under ``torch.no_grad()``;
 - ``decode``: ``jet.decode(tokens)`` (the inverse), under ``torch.no_grad()``;
@@ -83,6 +84,7 @@ REFERENCE = {
 }
 TARGET_RATIO = {"encode": 1.0, "decode": 1.0, "train": 1.5}
 OPS = ("encode", "decode", "train")
+MODES = ("eager", "compiled", "frozen")
 
 
 def config_named(name: str, **overrides) -> JetConfig:
@@ -254,25 +256,35 @@ def workloads(
     config: JetConfig,
     batch: int,
     bf16: bool,
-    compiled: bool,
+    mode: str,
     device: str,
     fused_optimizer: bool = False,
     compile_backend: str = "inductor",
 ) -> dict[str, Callable[[], object]]:
-    """The three timed callables (see :func:`setup`), ``torch.compile``d with ``compiled``."""
+    """The three timed callables (see :func:`setup`) in ``mode``: ``eager``, ``compiled``
+    (``torch.compile``) or ``frozen`` (encode and decode compiled with Inductor's freezing:
+    the weights become constants, folded and pre-packed; training as ``compiled``)."""
+    if mode not in MODES:
+        raise SystemExit(f"unknown mode {mode!r}; expected one of {MODES}")
     jet, optimizer, images = setup(config, batch, device, fused_optimizer)
     with torch.no_grad():
         tokens = jet(images)[0]
     forward, inverse = jet, jet.decode
-    if compiled:
+    if mode != "eager":
         torch._dynamo.reset()  # dynamo's cache limit is per function, across models
         forward = torch.compile(jet, backend=compile_backend)
         inverse = torch.compile(jet.decode, backend=compile_backend)
+    if mode == "frozen":
+        frozen = {"freezing": True} if compile_backend == "inductor" else None
+        infer = torch.compile(jet, backend=compile_backend, options=frozen)
+        inverse = torch.compile(jet.decode, backend=compile_backend, options=frozen)
+    else:
+        infer = forward
     autocast = torch.autocast(torch.device(device).type, torch.bfloat16, enabled=bf16)
 
     def encode():
         with torch.no_grad(), autocast:
-            return forward(images)
+            return infer(images)
 
     def decode():
         with torch.no_grad(), autocast:
@@ -302,7 +314,7 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=["A", "B"])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default: 32")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
-    parser.add_argument("--modes", nargs="+", default=["eager", "compiled"])
+    parser.add_argument("--modes", nargs="+", default=list(MODES))
     parser.add_argument("--ops", nargs="+", default=list(OPS))
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--backprop", default="standard")
@@ -343,7 +355,7 @@ def main() -> None:
                         config,
                         batch,
                         precision == "bf16",
-                        mode == "compiled",
+                        mode,
                         args.device,
                         args.fused_optimizer,
                         args.compile_backend,

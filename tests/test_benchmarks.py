@@ -40,12 +40,12 @@ def smoke(script: str, tmp_path: Path, *extra: str) -> dict:
     return report
 
 
-def test_throughput_smoke_covers_eager_and_compiled(tmp_path):
+def test_throughput_smoke_covers_eager_compiled_and_frozen(tmp_path):
     report = smoke("throughput", tmp_path)
     assert report["settings"]["compile_backend"] == "aot_eager"
     rows = report["results"]
     assert {(row["mode"], row["op"]) for row in rows} == {
-        (mode, op) for mode in ("eager", "compiled") for op in OPS
+        (mode, op) for mode in ("eager", "compiled", "frozen") for op in OPS
     }
     for row in rows:
         assert row["images_per_s"] > 0 and row["mfu"] > 0 and row["first_call_s"] > 0

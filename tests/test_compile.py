@@ -127,3 +127,29 @@ def test_inductor_matches_eager():
     assert losses == pytest.approx(eager_losses, abs=1e-5)
     for got, expected in zip(jet.parameters(), eager.parameters(), strict=True):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def _frozen_round_trip(backend: str) -> None:
+    jet, (x, context) = perturbed_jet(), inputs()
+    pixels = ((x + 1) * 127.5).floor().clamp(0, 255).to(torch.uint8)
+    frozen = jet.frozen(backend=backend)
+    z, logdet = frozen.encode(pixels, context)
+    z_eager, logdet_eager = jet.encode(pixels, context)
+    torch.testing.assert_close(z, z_eager, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logdet, logdet_eager, atol=1e-4, rtol=0)
+    torch.testing.assert_close(frozen.decode(z, context), jet.decode(z, context), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="images must have shape"):
+        frozen.encode(pixels[:, :2], context)  # checked as encode checks
+    with torch.no_grad():
+        next(jet.parameters()).add_(0.01)  # the snapshot is stale now
+    with pytest.raises(RuntimeError, match="weights changed after freezing"):
+        frozen.encode(pixels, context)
+
+
+def test_frozen_inference_matches_eager_and_refuses_stale_weights():
+    _frozen_round_trip("aot_eager")  # the wiring, fast; Inductor's freezing: the slow test
+
+
+@pytest.mark.slow
+def test_frozen_inference_with_inductor_freezing_matches_eager():
+    _frozen_round_trip("inductor")
