@@ -351,6 +351,8 @@ def test_text_preset_trains_samples_captions_and_measures(tmp_path, capsys, monk
     assert main(["measure", "--run", str(run), "--scenes", "4", "--speed-batch", "2"]) == 0
     measured = json.loads((run / "measure.json").read_text())
     assert 0 <= measured["scene_agreement_w0"] <= 1
+    assert 0 <= measured["scene_agreement_judged_w0"] <= 1
+    assert measured["object_judge_test_accuracy"] > 0.5  # 256 training scenes here; chance 0.29
     assert measured["sampling_images_per_s_with_kv_cache"] > 0
     # resuming a finished run continues from its checkpoint
     assert main(["train", "--preset", "cpu-tiny-text", "--out", str(run), "--resume",
@@ -544,3 +546,13 @@ def test_flip_presets_flip_training_batches_only(tmp_path):
     assert 0.3 * 3 * 64 < mirrored < 0.7 * 3 * 64
     for a, b in zip(batches(False, "test", False), batches(True, "test", False), strict=True):
         assert torch.equal(a["image"], b["image"])
+
+
+def test_object_judge_reads_real_scenes_and_catches_wrong_ones():
+    from examples.jetformer.classifier import judged_agreement, train_object_judge
+
+    images, scenes, _ = shapes_dataset(1500, seed=0)
+    judge = train_object_judge(images[:1200], scenes[:1200])
+    assert judged_agreement(judge, images[1200:], scenes[1200:]).mean() > 0.95
+    swapped = images[1200:].flip(-1, -2)  # objects moved to the other half and turned over
+    assert judged_agreement(judge, swapped, scenes[1200:]).mean() < 0.8

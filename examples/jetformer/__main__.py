@@ -28,7 +28,7 @@ from jetblocks.integrations.images import save_grid
 from jetblocks.likelihood import to_uint8
 from jetblocks.train import TrainConfig, Trainer
 
-from .classifier import predict, train_classifier
+from .classifier import judged_agreement, predict, train_classifier, train_object_judge
 from .data import describe, digit_of_caption, parse_caption, scene_agreement
 from .model import JetFormer, JetFormerConfig, meta_parameter_counts
 from .presets import PRESETS, preset, with_text_conditioning
@@ -229,9 +229,12 @@ def cmd_measure(args) -> dict:
         results["classifier_test_accuracy"] = accuracy.item()
         labels = torch.arange(len(data.prompts)).repeat_interleave(n)
         text, text_mask = data.prompts[labels], data.prompt_mask[labels]  # label or caption
-    elif shapes:  # parse_scene reads the scene back from the pixels
+    elif shapes:  # parse_scene reads the scene back; a classifier of real objects checks it
         scenes = data.test_scenes[: args.scenes]
         text, _, text_mask = data.encode([describe(scene) for scene in scenes])
+        judge = train_object_judge(data.train.images, data.train_scenes)
+        real = judged_agreement(judge, data.test.images, data.test_scenes).mean()
+        results["object_judge_test_accuracy"] = real.item()
     for w in (0.0, guidance) if digits or shapes else ():
         generator = torch.Generator(device).manual_seed(args.seed)
         images = sample_images(
@@ -245,6 +248,8 @@ def cmd_measure(args) -> dict:
         else:
             score = sum(scene_agreement(im, s) for im, s in zip(images, scenes, strict=True))
             results[f"scene_agreement_w{w:g}"] = score / len(scenes)
+            judged = judged_agreement(judge, images, scenes).mean().item()
+            results[f"scene_agreement_judged_w{w:g}"] = judged
         save_grid(images, run / f"measure_w{w:g}.png", ncols=n if digits else 8)
     results.update(guidance=guidance, temperature=temperature, sampler=sampler)
     if spec["conditioning"] == "text":

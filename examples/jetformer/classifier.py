@@ -1,4 +1,5 @@
-"""A small CNN digit classifier, trained on the real digits, that judges generated samples."""
+"""Small CNN classifiers, trained on the real data, that judge generated samples: digits, and
+the colour and shape of each object of a shapes scene."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from jetblocks.likelihood import pixels_to_unit
+
+from .data import SHAPES, object_labels, scene_halves
 
 
 class DigitClassifier(nn.Module):
@@ -70,4 +73,27 @@ def predict(model: DigitClassifier, images: Tensor) -> Tensor:
     return torch.cat([model(pixels_to_unit(chunk)).argmax(-1) for chunk in images.split(500)])
 
 
-__all__ = ["DigitClassifier", "predict", "train_classifier"]
+def train_object_judge(images: Tensor, scenes, seed: int = 0) -> DigitClassifier:
+    """A classifier of ``colour * 3 + shape`` (12 classes) for each half of a shapes scene
+    (:func:`.data.scene_halves`), trained on real scenes."""
+    halves = scene_halves(images, [scene.vertical for scene in scenes])
+    return train_classifier(halves, object_labels(scenes), epochs=6, seed=seed)
+
+
+def judged_agreement(judge: DigitClassifier, images: Tensor, scenes) -> Tensor:
+    """Per image, the fraction of its prompt's 4 attributes (2 colours, 2 shapes) the judge
+    sees in the generated ``images``."""
+    found = predict(judge, scene_halves(images, [scene.vertical for scene in scenes]))
+    wanted = object_labels(scenes)
+    colour = (found // len(SHAPES) == wanted // len(SHAPES)).float()
+    shape = (found % len(SHAPES) == wanted % len(SHAPES)).float()
+    return (colour + shape).view(-1, 2).sum(1) / 4
+
+
+__all__ = [
+    "DigitClassifier",
+    "judged_agreement",
+    "predict",
+    "train_classifier",
+    "train_object_judge",
+]

@@ -158,6 +158,30 @@ def parse_scene(image: Tensor, vertical: bool) -> tuple[tuple[str, str] | None, 
     return tuple(parse_half(half) for half in halves)
 
 
+def scene_halves(images: Tensor, vertical: Sequence[bool]) -> Tensor:
+    """The two halves of each uint8 ``[B, 3, 16, 16]`` scene along its axis, each in the
+    top-left corner of a black 16x16 canvas: ``[2B, 3, 16, 16]`` (first, second, ...)."""
+    halves = torch.zeros(2 * len(images), *images.shape[1:], dtype=images.dtype)
+    half = SIZE // 2
+    for index, (image, is_vertical) in enumerate(zip(images, vertical, strict=True)):
+        if is_vertical:
+            halves[2 * index, :, :half] = image[:, :half]
+            halves[2 * index + 1, :, :half] = image[:, half:]
+        else:
+            halves[2 * index, :, :, :half] = image[:, :, :half]
+            halves[2 * index + 1, :, :, :half] = image[:, :, half:]
+    return halves
+
+
+def object_labels(scenes: Sequence[Scene]) -> Tensor:
+    """``colour * 3 + shape`` of each scene's first and second object, ``[2B]``."""
+    colours = list(COLOURS)
+    return torch.tensor(
+        [colours.index(c) * len(SHAPES) + SHAPES.index(s)
+         for scene in scenes for c, s in (scene.first, scene.second)]
+    )  # fmt: skip
+
+
 def scene_agreement(image: Tensor, scene: Scene) -> float:
     """Fraction of the 4 attributes (2 colours, 2 shapes) that ``image`` gets right."""
     found = parse_scene(image, scene.vertical)
@@ -441,6 +465,7 @@ __all__ = [
     "digit_of_caption",
     "is_captioned_folder",
     "layout_captions",
+    "object_labels",
     "parse_caption",
     "parse_scene",
     "random_captions",
@@ -448,5 +473,6 @@ __all__ = [
     "read_captions",
     "render",
     "scene_agreement",
+    "scene_halves",
     "shapes_dataset",
 ]

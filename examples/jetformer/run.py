@@ -75,6 +75,7 @@ class RunData:
         self.image_size, self.channels = jet.image_size, jet.channels
         self.tokenizer: SentencePieceTokenizer | None = None
         self.scenes: list[Scene] = []  # the prompts' scenes (shapes)
+        self.train_scenes: list[Scene] = []
         self.test_scenes: list[Scene] = []
         self.test_captions: list[str] = []
         if spec["conditioning"] == "class":
@@ -115,7 +116,7 @@ class RunData:
     ) -> None:
         data = spec["data"]
         if data == "shapes":
-            train_images, _, train_captions = shapes_dataset(SHAPES_TRAIN, seed=0)
+            train_images, self.train_scenes, train_captions = shapes_dataset(SHAPES_TRAIN, seed=0)
             test_images, self.test_scenes, test_captions = shapes_dataset(SHAPES_TEST, seed=1)
             train, test = ArraySource(train_images), ArraySource(test_images)
             rng = np.random.default_rng(2)
