@@ -3,8 +3,9 @@
 Layers, each importing only from the ones above it:
 
 1. The flow maths (torch and einops only): ``flow``, ``couplings``, ``vit``, ``latents``,
-   ``likelihood``, ``memory``, ``heads``, ``jetformer``, ``autoregressive``; with ``checkpoint`` (safetensors
-   files) and ``extras`` (optional dependencies), ``jet`` (the model and its latent API).
+   ``likelihood``, ``memory``, ``heads``, ``jetformer``, ``autoregressive``; with
+   ``checkpoint`` (safetensors files) and ``extras`` (optional dependencies), ``jet`` (the
+   model and its latent API).
 2. ``jetblocks.integrations``: adapters to other software: data sources and
    ``torchdata`` pipelines, image files and grids, big_vision checkpoints, sentencepiece,
    ``torchrun`` process groups and model wrapping (``distributed``).
