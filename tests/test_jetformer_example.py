@@ -271,6 +271,15 @@ def test_preset_parameter_counts_match_the_spec():
     assert small["decoder"] == pytest.approx(350e6, rel=0.02)
     assert small["jet"] == pytest.approx(0.43e9, rel=0.02)
     assert counts("imagenet256-1.3b")["jet"] == pytest.approx(0.63e9, rel=0.02)
+    # text-to-image: the GIVT decoders (750M only here), the reference's recipe
+    assert counts("text256-750m")["decoder"] == pytest.approx(800e6, rel=0.01)
+    for name in ("text256-350m", "text256-750m", "text256-1.3b"):
+        model, task = PRESETS[name]["model"], PRESETS[name]["task"]
+        assert (model["text_len"], model["untie_output_vocab"], model["dropout"]) == (64, True, 0.1)
+        assert (task["text_first_prob"], task["text_weight"]) == (0.5, 0.0025)
+        assert task["rgb_noise_on_image_prefix"] is False and task["sigma_end"] == 3.0
+        assert PRESETS[name]["sample"]["sampler"] == "rejection"
+    assert PRESETS["imagenet256-350m"]["flip"] and not PRESETS["text256-350m"].get("flip")
 
 
 def test_sentencepiece_tokenizer_round_trip(tmp_path):
