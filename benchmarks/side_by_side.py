@@ -15,7 +15,7 @@ sum thousands of terms).
 
     python -m venv /tmp/jaxvenv
     /tmp/jaxvenv/bin/pip install -r benchmarks/reference/requirements.txt
-    python benchmarks/side_by_side.py --jax-python /tmp/jaxvenv/bin/python
+    python benchmarks/side_by_side.py --jax-python /tmp/jaxvenv/bin/python --modes eager frozen
     python benchmarks/side_by_side.py --jax-python /tmp/jaxvenv/bin/python --smoke --out /tmp/s.json
 """
 
@@ -64,7 +64,9 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=["A", "B"])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], help="jetblocks'")
-    parser.add_argument("--modes", nargs="+", default=["eager"], help="jetblocks': eager, compiled")
+    parser.add_argument(
+        "--modes", nargs="+", default=["eager"], help="jetblocks': eager, compiled, frozen"
+    )
     parser.add_argument("--seconds", type=float, default=3.0, help="timing per measurement")
     smoke = dict(configs=["smoke"], batch=4, seconds=0.05)
     args = parse_args(parser, "benchmarks/results/side_by_side.json", smoke)

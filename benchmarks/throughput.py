@@ -21,7 +21,7 @@ Named configurations: ``A`` and ``B`` (the reference measurements below, JAX 0.6
 0.10.6 on an idle 2-core machine of this kind, fp32), ``smoke`` (a tiny Jet for ``--smoke``)
 and every ``JetConfig`` preset name.
 Attention runs on the ``"auto"`` backend by default (SDPA in fp32, the matmul path in bf16
-on the CPU). ``--profile`` adds torch.profiler's top ops of each training step to the JSON;
+on the CPU). ``--profile`` adds torch.profiler's top ops of each timed call to the JSON;
 ``--fused-optimizer`` runs the reference AdamW update with torch's fused kernel. Each row
 records the 1-minute load average: on a shared machine, compare rows taken at low load.
 OpenMP threads that spin while they wait (libgomp's default) make a 2-thread run 10x slower
@@ -320,7 +320,7 @@ def main() -> None:
     parser.add_argument("--backprop", default="standard")
     parser.add_argument("--seconds", type=float, default=3.0, help="timing per measurement")
     parser.add_argument(
-        "--profile", action="store_true", help="add torch.profiler's top ops of each train step"
+        "--profile", action="store_true", help="add torch.profiler's top ops of each timed call"
     )
     parser.add_argument(
         "--fused-optimizer",
@@ -387,7 +387,7 @@ def main() -> None:
                             row["ratio_to_reference"] = row["images_per_s"] / reference
                             row["target_ratio"] = TARGET_RATIO[op]
                             row["target_met"] = row["ratio_to_reference"] >= TARGET_RATIO[op]
-                        if args.profile and op == "train":
+                        if args.profile:
                             row["profile"] = profile_table(calls[op])
                         results.append(row)
                         print(_format(row), flush=True)
