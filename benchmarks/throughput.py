@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import json
 import os
@@ -269,17 +270,16 @@ def workloads(
     jet, optimizer, images = setup(config, batch, device, fused_optimizer)
     with torch.no_grad():
         tokens = jet(images)[0]
-    forward, inverse = jet, jet.decode
+    forward = infer = jet
+    inverse = jet.decode
     if mode != "eager":
         torch._dynamo.reset()  # dynamo's cache limit is per function, across models
-        forward = torch.compile(jet, backend=compile_backend)
+        forward = infer = torch.compile(jet, backend=compile_backend)
         inverse = torch.compile(jet.decode, backend=compile_backend)
-    if mode == "frozen":
-        frozen = {"freezing": True} if compile_backend == "inductor" else None
-        infer = torch.compile(jet, backend=compile_backend, options=frozen)
-        inverse = torch.compile(jet.decode, backend=compile_backend, options=frozen)
-    else:
-        infer = forward
+    if mode == "frozen":  # the library's frozen inference (raw bijections, as eager times)
+        frozen = copy.deepcopy(jet).frozen(backend=compile_backend)  # training moves `jet`
+        infer = frozen.forward
+        inverse = lambda z: frozen.inverse(z)[0]  # noqa: E731
     autocast = torch.autocast(torch.device(device).type, torch.bfloat16, enabled=bf16)
 
     def encode():

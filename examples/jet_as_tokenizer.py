@@ -31,6 +31,7 @@ from jetblocks.autoregressive import (
     sample_soft_tokens,
     soft_token_nll,
 )
+from jetblocks.checkpoint import atomic_file
 from jetblocks.integrations.builtin import mnist5k
 from jetblocks.integrations.images import save_grid
 from jetblocks.likelihood import dequantize, to_uint8
@@ -119,7 +120,8 @@ def main() -> None:
     summary = dict(vars(args), held_out_bits_per_dim_before=before,
                    held_out_bits_per_dim=after, train_seconds=round(seconds, 1),
                    load_average=[round(x, 2) for x in os.getloadavg()])  # fmt: skip
-    Path(args.out, "summary.json").write_text(json.dumps(summary, indent=2))
+    with atomic_file(Path(args.out, "summary.json")) as staging:
+        staging.write_text(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

@@ -257,6 +257,17 @@ class FrozenFlow:
             )
 
     @torch.no_grad()
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The raw bijection, as ``flow(x, context)`` (no input checks)."""
+        self._check_weights()
+        return self._forward(x, context)
+
+    @torch.no_grad()
+    def inverse(self, tokens: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The raw inverse, as ``flow.inverse(tokens, context)`` (no input checks)."""
+        self._check_weights()
+        return self._inverse(tokens, context)
+
     def encode(
         self,
         images: Tensor,
@@ -266,16 +277,13 @@ class FrozenFlow:
         generator: rng.Generator = None,
     ) -> tuple[Tensor, Tensor]:
         """As :meth:`ImageFlow.encode`."""
-        self._check_weights()
         x = self.flow._to_unit(images, noise, generator)
-        return self._forward(x, _checked_context(context))
+        return self.forward(x, _checked_context(context))
 
-    @torch.no_grad()
     def decode(self, tokens: Tensor, context: Tensor | None = None) -> Tensor:
         """As :meth:`ImageFlow.decode`."""
-        self._check_weights()
         _check_finite(tokens, "tokens")
-        return self._inverse(tokens, _checked_context(context))[0]
+        return self.inverse(tokens, _checked_context(context))[0]
 
 
 def is_int(value: Any) -> bool:

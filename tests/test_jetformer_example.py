@@ -565,3 +565,14 @@ def test_object_judge_reads_real_scenes_and_catches_wrong_ones():
     assert judged_agreement(judge, images[1200:], scenes[1200:]).mean() > 0.95
     swapped = images[1200:].flip(-1, -2)  # objects moved to the other half and turned over
     assert judged_agreement(judge, swapped, scenes[1200:]).mean() < 0.8
+
+
+def test_set_overrides_known_fields_and_names_the_unknown(tmp_path, capsys):
+    from examples.jetformer.__main__ import apply_setting
+
+    spec = {"model": {}, "train": {}, "task": {}, "sample": {}}
+    apply_setting(spec, "model.dropout=0.1")
+    apply_setting(spec, "model.vocab_size=null")
+    assert spec["model"] == {"dropout": 0.1, "vocab_size": None}
+    assert main(["train", "--set", "model.drop_out=0.1", "--out", str(tmp_path / "r")]) == 2
+    assert "model has no 'drop_out'" in capsys.readouterr().err

@@ -14,6 +14,7 @@ sample grids, ``torchrun`` data parallelism).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from jetblocks.checkpoint import read_json
+from jetblocks.checkpoint import atomic_file, read_json
 from jetblocks.integrations.images import save_grid
 from jetblocks.likelihood import to_uint8
 from jetblocks.train import TrainConfig, Trainer
@@ -122,6 +123,14 @@ def apply_setting(spec: dict, setting: str) -> None:
             f"--set expects SECTION.KEY=VALUE with SECTION one of model, train, task, sample; "
             f"got {setting!r}"
         )
+    known = {
+        "model": {f.name for f in dataclasses.fields(JetFormerConfig)},
+        "train": {f.name for f in dataclasses.fields(TrainConfig)},
+        "task": {f.name for f in dataclasses.fields(TaskConfig)},
+        "sample": {"guidance", "temperature", "sampler"},
+    }[section]
+    if key not in known:
+        raise ValueError(f"--set: {section} has no {key!r}; expected one of {sorted(known)}")
     try:
         value = json.loads(text)
     except json.JSONDecodeError:
@@ -271,7 +280,8 @@ def cmd_measure(args) -> dict:
         results[f"sampling_images_per_s_{key}"] = round(args.speed_batch / seconds, 2)
     results["sampling_batch"] = args.speed_batch
     results["load_average"] = [round(x, 2) for x in os.getloadavg()]
-    (run / "measure.json").write_text(json.dumps(results, indent=2))
+    with atomic_file(run / "measure.json") as staging:
+        staging.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
     return results
 
@@ -378,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, TypeError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError) as error:
         print(f"jetformer {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -333,7 +333,8 @@ class JetFormer(nn.Module):
 
         ``image_bits``: JetFormer's image NLL in bits per pixel-dim (text-first examples);
         ``text_nll``: mean cross-entropy (nats) over the ``text_loss`` tokens (image-first).
-        ``text_mask [B, L]`` (default: all True) hides pads from attention.
+        ``text_mask [B, L]`` hides pads from attention and positions (None: every text
+        position is visible, the plain causal path).
         Image-first examples see Jet's tokens with the gradient stopped (the flow is not
         trained to caption). In training mode text-first soft tokens get ``input_noise_std``
         noise from ``generator`` (the decoder sees and scores the noisy tokens, as the
@@ -347,7 +348,7 @@ class JetFormer(nn.Module):
             kept = torch.where(text_first[:, None, None], noisy, kept)
         kept = torch.where(text_first[:, None, None], kept, kept.detach())
         mask = None
-        if text_mask is not None and not bool(text_mask.all()):
+        if text_mask is not None:
             mask = self.sequence_mask(text_mask, kept.shape[1], text_first, drop)
         h = self.decoder(self.embed_sequence(text, kept, text_first, drop), mask=mask)
         n, p = kept.shape[1], cfg.prefix_len

@@ -50,14 +50,15 @@ class TaskConfig:
         return dataclasses.asdict(self)
 
 
-def text_of(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """``(text, text_loss, text_mask)``, each ``[B, L]``: the captions (see
-    :func:`.data.layout_captions`), or the class label as one token."""
+def text_of(batch: dict[str, Tensor], ignore_pad: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(text, text_loss, text_mask)``, ``[B, L]`` each: the captions (see
+    :func:`.data.layout_captions`), or the class label as one token. ``text_mask`` is None
+    unless the layout hides pads (``ignore_pad``): every position is then visible."""
     if "text" in batch:
-        return batch["text"], batch["text_loss"].bool(), batch["text_mask"].bool()
+        mask = batch["text_mask"].bool() if ignore_pad else None
+        return batch["text"], batch["text_loss"].bool(), mask
     label = batch["label"][:, None]
-    ones = torch.ones_like(label, dtype=torch.bool)
-    return label, ones, ones
+    return label, torch.ones_like(label, dtype=torch.bool), None
 
 
 class JetFormerTask:
@@ -74,7 +75,7 @@ class JetFormerTask:
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor], generator) -> Tensor:
         cfg, pixels = self.config, batch["image"]
-        text, text_loss, text_mask = text_of(batch)
+        text, text_loss, text_mask = text_of(batch, cfg.ignore_pad)
         coins = rng.rand((len(pixels), 2), generator=generator, like=pixels.float())
         text_first = coins[:, 0] < cfg.text_first_prob
         drop = (coins[:, 1] < cfg.drop_prob) & text_first
@@ -92,7 +93,7 @@ class JetFormerTask:
     ) -> dict[str, Tensor]:
         """Held-out image bits/dim (no curriculum noise, no dropout); caption NLL for text."""
         pixels = batch["image"]
-        text, text_loss, text_mask = text_of(batch)
+        text, text_loss, text_mask = text_of(batch, self.config.ignore_pad)
         images = dequantize(pixels, generator=generator).to(next(model.parameters()).dtype)
         ones = torch.ones(len(pixels), dtype=torch.bool, device=pixels.device)
 
