@@ -24,7 +24,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from jetblocks import GMMHead, Jet, JetConfig, NoiseCurriculum, image_bits_per_dim, split_tokens
+from jetblocks import (
+    GMMHead,
+    Jet,
+    JetConfig,
+    Linear,
+    NoiseCurriculum,
+    image_bits_per_dim,
+    split_tokens,
+)
 from jetblocks.autoregressive import (
     causal_mask,
     decode_soft_tokens,
@@ -42,7 +50,7 @@ class CausalTransformer(nn.Module):
 
     def __init__(self, keep: int, num_tokens: int, width=64, depth=2, heads=4, mixtures=8):
         super().__init__()
-        self.embed = nn.Linear(keep, width)
+        self.embed = Linear(keep, width)
         self.start = nn.Parameter(torch.zeros(1, width))  # the BOS prefix
         self.position = nn.Parameter(0.02 * torch.randn(1, num_tokens, width))
         layer = nn.TransformerEncoderLayer(width, heads, 4 * width, 0.0, batch_first=True)

@@ -2,8 +2,8 @@
 
 Layers, each importing only from the ones above it:
 
-1. The flow maths (torch and einops only): ``flow``, ``couplings``, ``vit``, ``latents``,
-   ``likelihood``, ``memory``, ``heads``, ``jetformer``, ``autoregressive``; with
+1. The flow maths (torch and einops only): ``linear``, ``flow``, ``couplings``, ``vit``,
+   ``latents``, ``likelihood``, ``memory``, ``heads``, ``jetformer``, ``autoregressive``; with
    ``checkpoint`` (safetensors files) and ``extras`` (optional dependencies), ``jet`` (the
    model and its latent API).
 2. ``jetblocks.integrations``: adapters to other software: data sources and
@@ -28,6 +28,7 @@ from jetblocks.likelihood import (
     standard_normal_log_prob,
     to_uint8,
 )
+from jetblocks.linear import Linear, cpu_linear_backend
 from jetblocks.vit import ViTConditioner
 
 __version__ = "0.1.0"
@@ -43,11 +44,13 @@ __all__ = [
     "Inverse",
     "Jet",
     "JetConfig",
+    "Linear",
     "NoiseCurriculum",
     "SpatialSplit",
     "ViTConditioner",
     "bin_centers",
     "bits_per_dim",
+    "cpu_linear_backend",
     "dequantize",
     "guided_gaussian",
     "image_bits_per_dim",

@@ -22,11 +22,11 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from jetblocks import rng
 from jetblocks.likelihood import HALF_LOG_2PI
+from jetblocks.linear import linear
 
 SCALE_FLOOR = 1e-6
 
@@ -117,7 +117,7 @@ class GMMHead(nn.Module):
         if h.shape[-1] != self.width:
             raise ValueError(f"GMMHead expects h [..., {self.width}], got {list(h.shape)}")
         with torch.autocast(h.device.type, enabled=False):
-            out = F.linear(h.float(), self.proj.weight.float(), self.proj.bias.float())
+            out = linear(h.float(), self.proj.weight.float(), self.proj.bias.float())
         logits, loc_scale = out.split([self.num_mixtures, 2 * self.num_mixtures * self.dim], dim=-1)
         loc_scale = loc_scale.unflatten(-1, (self.num_mixtures, 2, self.dim))
         scales = squareplus(loc_scale[..., 1, :]).clamp_min(self.scale_floor)

@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .linear import Linear
+
 LAYER_NORM_EPS = 1e-6
 # Flax truncates its normal initialisers at 2 std and rescales so the variance is kept.
 _TRUNCATED_NORMAL_STD = 0.87962566103423978
@@ -85,9 +87,9 @@ def lecun_normal_(weight: Tensor) -> Tensor:
     return nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
 
 
-def dense(d_in: int, d_out: int) -> nn.Linear:
+def dense(d_in: int, d_out: int) -> Linear:
     """A ``Linear`` initialised like Flax's ``nn.Dense`` (LeCun-normal kernel, zero bias)."""
-    layer = nn.Linear(d_in, d_out)
+    layer = Linear(d_in, d_out)
     lecun_normal_(layer.weight)
     nn.init.zeros_(layer.bias)
     return layer
@@ -160,11 +162,11 @@ class Attention(nn.Module):
             )
         self.cross = source_dim is not None
         if self.cross:
-            self.query = nn.Linear(dim, dim)
-            self.kv = nn.Linear(source_dim, 2 * dim)
+            self.query = Linear(dim, dim)
+            self.kv = Linear(source_dim, 2 * dim)
         else:
-            self.qkv = nn.Linear(dim, 3 * dim)
-        self.out = nn.Linear(dim, dim)
+            self.qkv = Linear(dim, 3 * dim)
+        self.out = Linear(dim, dim)
         for layer in self.children():
             nn.init.zeros_(layer.bias)
 
@@ -217,7 +219,7 @@ class EncoderBlock(nn.Module):
         self.attention = Attention(dim, num_heads, backend=attention_backend)
         self.mlp_norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.mlp = nn.Sequential(
-            nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim)
+            Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), Linear(4 * dim, dim)
         )
         attention_kernels = (*self.attention.projection_weights(), self.attention.out.weight)
         for weight in (*attention_kernels, self.mlp[0].weight, self.mlp[2].weight):
@@ -267,7 +269,7 @@ class ViTConditioner(nn.Module):
             EncoderBlock(emb_dim, num_heads, attention_backend) for _ in range(depth)
         )
         self.norm = nn.LayerNorm(emb_dim, eps=LAYER_NORM_EPS)
-        self.final_proj = nn.Linear(emb_dim, d_out)
+        self.final_proj = Linear(emb_dim, d_out)
         nn.init.zeros_(self.final_proj.weight)
         nn.init.zeros_(self.final_proj.bias)
 

@@ -52,9 +52,10 @@ def small_model(config=SMALL, seed=0):
     return model
 
 
+@pytest.mark.parametrize("learned_positions", [False, True])
 @pytest.mark.parametrize("guidance", [0.0, 2.0])
-def test_kv_cache_sampling_gives_the_tokens_of_full_recomputation(guidance):
-    model = small_model()
+def test_kv_cache_sampling_gives_the_tokens_of_full_recomputation(guidance, learned_positions):
+    model = small_model(dataclasses.replace(SMALL, learned_positions=learned_positions))
     text = torch.tensor([[3], [7], [0]])
     tokens = [
         sample_image_tokens(
@@ -69,6 +70,23 @@ def test_kv_cache_sampling_gives_the_tokens_of_full_recomputation(guidance):
     ]
     assert tokens[0].shape == (3, 16, 2)
     torch.testing.assert_close(tokens[0], tokens[1], atol=1e-5, rtol=1e-5)
+
+
+def test_learned_positions_embed_each_position_id_and_start_at_zero():
+    plain = JetFormer(SMALL)
+    assert plain.decoder.position_embedding is None
+    config = dataclasses.replace(SMALL, learned_positions=True)
+    model = JetFormer(config)
+    table = model.decoder.position_embedding.weight
+    assert table.shape == (1 + 4 + 1 + 16, 32) and not table.any()  # starts as RoPE alone
+    model = small_model(config)
+    x = torch.randn(2, 6, 32)
+    with torch.no_grad():
+        base = model.decoder(x)
+        model.decoder.position_embedding.weight[3].add_(1.0)  # only position 3 changes
+        moved = model.decoder(x)
+    assert torch.equal(base[:, :3], moved[:, :3])  # causal: earlier positions do not see it
+    assert not torch.allclose(base[:, 3:], moved[:, 3:])
 
 
 def test_kv_cache_sampling_under_bf16_autocast():

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from jetblocks import GMMHead, Jet, JetConfig, image_bits_per_dim, rng, split_tokens
+from jetblocks import GMMHead, Jet, JetConfig, Linear, image_bits_per_dim, rng, split_tokens
 from jetblocks.autoregressive import KVCache, add_input_noise, causal_mask
 
 NORM_EPS = 1e-6
@@ -51,6 +51,7 @@ class JetFormerConfig:
     input_noise_std: float = 0.0  # max std of the noise on text-first soft tokens (ref.: 0.3)
     untie_output_vocab: bool = False  # text logits from their own Linear (text-to-image ref.)
     head_mean_init_std: float = 0.5  # GMM mean biases ~ N(0, std^2); 0: the reference's zeros
+    learned_positions: bool = False  # + a learned absolute position embedding (ref.: RoPE only)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "jet", JetConfig.from_dict(dict(self.jet)).to_dict())
@@ -86,6 +87,12 @@ class JetFormerConfig:
     @property
     def total_vocab(self) -> int:
         return self.vocab_size + 3
+
+    @property
+    def sequence_len(self) -> int:
+        """Decoder positions of a training sequence: BOS or BOI, text, BOI or BOS, image
+        (the last token is not an input, but sampling embeds it)."""
+        return 2 + self.prefix_len + self.jet_config.num_tokens
 
     @property
     def prefix_len(self) -> int:
@@ -146,9 +153,9 @@ class Attention(nn.Module):
             config.head_dim,
         )
         self.rope_base = config.rope_base
-        self.query = nn.Linear(config.width, self.heads * self.head_dim, bias=False)
-        self.key_value = nn.Linear(config.width, 2 * self.kv_heads * self.head_dim, bias=False)
-        self.out = nn.Linear(self.heads * self.head_dim, config.width, bias=False)
+        self.query = Linear(config.width, self.heads * self.head_dim, bias=False)
+        self.key_value = Linear(config.width, 2 * self.kv_heads * self.head_dim, bias=False)
+        self.out = Linear(self.heads * self.head_dim, config.width, bias=False)
 
     def forward(
         self,
@@ -182,9 +189,9 @@ class GatedMLP(nn.Module):
 
     def __init__(self, width: int, hidden: int) -> None:
         super().__init__()
-        self.gate = nn.Linear(width, hidden, bias=False)
-        self.up = nn.Linear(width, hidden, bias=False)
-        self.down = nn.Linear(hidden, width, bias=False)
+        self.gate = Linear(width, hidden, bias=False)
+        self.up = Linear(width, hidden, bias=False)
+        self.down = Linear(hidden, width, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down(F.gelu(self.gate(x), approximate="tanh") * self.up(x))
@@ -212,11 +219,21 @@ class Block(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Embedded tokens ``[B, T, width]`` -> final-normed hidden states ``[B, T, width]``."""
+    """Embedded tokens ``[B, T, width]`` -> final-normed hidden states ``[B, T, width]``.
+
+    With ``config.learned_positions`` a learned embedding of each position id (zero at
+    init) is added to the input, beside RoPE in every attention layer. The reference has
+    RoPE only; its fastest frequency turns one radian per position, too slow for a small
+    decoder to tell an image token's column in a 4-wide grid (which object is left).
+    """
 
     def __init__(self, config: JetFormerConfig) -> None:
         super().__init__()
         self.config = config
+        self.position_embedding = None
+        if config.learned_positions:
+            self.position_embedding = nn.Embedding(config.sequence_len, config.width)
+            nn.init.zeros_(self.position_embedding.weight)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
         self.final_norm = RMSNorm(config.width)
 
@@ -234,6 +251,8 @@ class Decoder(nn.Module):
             positions = torch.arange(start, start + x.shape[1], device=x.device)
         else:
             positions = (key_mask.long().cumsum(1) - 1)[:, -x.shape[1] :]
+        if self.position_embedding is not None:
+            x = x + self.position_embedding(positions).to(x.dtype)
         for layer, block in enumerate(self.blocks):
             x = block(x, positions, cache, layer, key_mask)
         if cache is not None:
@@ -253,14 +272,14 @@ class JetFormer(nn.Module):
         self.jet = Jet(config.jet_config)
         self.text_embed = nn.Embedding(config.total_vocab * config.num_vocab_repeats, config.width)
         nn.init.normal_(self.text_embed.weight, std=1.0)
-        self.image_embed = nn.Linear(config.keep, config.width)
+        self.image_embed = Linear(config.keep, config.width)
         self.decoder = Decoder(config)
         for layer in (self.image_embed, *self.decoder.modules()):
             if isinstance(layer, nn.Linear):
                 lecun_truncated_normal_(layer)
         self.text_out = None
         if config.untie_output_vocab:
-            self.text_out = nn.Linear(config.width, config.total_vocab)
+            self.text_out = Linear(config.width, config.total_vocab)
             nn.init.normal_(self.text_out.weight, std=1.0)
             nn.init.zeros_(self.text_out.bias)
         self.head = GMMHead(
