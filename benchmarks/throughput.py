@@ -15,7 +15,8 @@ float32 call of an identical model with the ``"math"`` attention backend (the co
 not see SDPA's CPU kernels): matmuls and attention products, forward for encode/decode,
 forward + backward for a training step (no recomputation, no optimizer). MFU is those
 FLOPs over the median time, as a fraction of the machine's matmul peak, which this script
-measures itself, fp32 and bf16 (the best of several large square ``torch.mm`` products).
+measures itself, fp32 and bf16 (the best of several large square products on ``torch.mm``
+and, in fp32 on a CPU, on oneDNN, see :func:`matmul_peak`).
 
 Named configurations: ``A`` and ``B`` (the reference measurements below, JAX 0.6.0 / Flax
 0.10.6 on an idle 2-core machine of this kind, fp32), ``smoke`` (a tiny Jet for ``--smoke``)

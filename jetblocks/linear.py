@@ -35,9 +35,7 @@ from torch.utils.flop_counter import register_flop_formula
 CPU_LINEAR_BACKENDS = ("onednn", "aten")
 _backend = os.environ.get("JETBLOCKS_CPU_LINEAR", "onednn")
 if _backend not in CPU_LINEAR_BACKENDS:
-    raise ValueError(
-        f"JETBLOCKS_CPU_LINEAR must be one of {CPU_LINEAR_BACKENDS}, got {_backend!r}"
-    )
+    raise ValueError(f"JETBLOCKS_CPU_LINEAR must be one of {CPU_LINEAR_BACKENDS}, got {_backend!r}")
 _ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available()
 # Below this many FLOPs (2 * rows * in * out) a call's fixed cost outweighs oneDNN's faster
 # kernel (measured: forward breaks even near 8 MFLOP, forward + backward near 16-32 MFLOP).
