@@ -90,8 +90,8 @@ class JetFormerConfig:
 
     @property
     def sequence_len(self) -> int:
-        """Decoder positions of a training sequence: BOS or BOI, text, BOI or BOS, image
-        (the last token is not an input, but sampling embeds it)."""
+        """Tokens of a whole sequence: BOS or BOI, text, BOI or BOS, image. The decoder's
+        inputs are all but the last, at positions ``0 .. sequence_len - 2``."""
         return 2 + self.prefix_len + self.jet_config.num_tokens
 
     @property
