@@ -8,7 +8,9 @@ Inductor's freezing) it times
 - ``decode``: ``jet.decode(tokens)`` (the inverse), under ``torch.no_grad()``;
 - ``train``: one full training step: forward, bits/dim loss, backward, global-norm gradient
   clipping at 1.0 and the reference optimizer (``jetblocks.train.reference_optimizer``,
-  AdamW), then ``zero_grad(set_to_none=True)``, as :class:`jetblocks.train.Trainer` does.
+  AdamW), then ``zero_grad(set_to_none=True)``, as :class:`jetblocks.train.Trainer` does;
+- ``optimizer``: that step's last part alone, the clipping and the AdamW update, on fixed
+  gradients (not run by default; images/s here means steps/s times the batch).
 
 Model FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` on one eager
 float32 call of an identical model with the ``"math"`` attention backend (the counter does
@@ -21,9 +23,13 @@ and, in fp32 on a CPU, on oneDNN, see :func:`matmul_peak`).
 Named configurations: ``A`` and ``B`` (the reference measurements below, JAX 0.6.0 / Flax
 0.10.6 on an idle 2-core machine of this kind, fp32), ``smoke`` (a tiny Jet for ``--smoke``)
 and every ``JetConfig`` preset name.
-Attention runs on the ``"auto"`` backend by default (SDPA in fp32, the matmul path in bf16
-on the CPU). ``--profile`` adds torch.profiler's top ops of each timed call to the JSON;
-``--fused-optimizer`` runs the reference AdamW update with torch's fused kernel. Each row
+Attention runs on the ``"auto"`` backend by default (on the CPU: SDPA for eager fp32, the
+matmul path for bf16 and inside ``torch.compile``); ``--attention-backends`` times each
+backend it lists in turn (the row says which). ``--profile`` adds torch.profiler's top ops
+of each timed call to the JSON;
+``--optimizer foreach`` or ``fused`` runs the reference AdamW update with PyTorch's
+multi-tensor loop or its fused kernel instead of the implementation ``reference_optimizer``
+gets by default (a loop over the tensors on a CPU; the same maths, other rounding). Each row
 records the 1-minute load average: on a shared machine, compare rows taken at low load.
 OpenMP threads that spin while they wait (libgomp's default) make a 2-thread run 10x slower
 or worse whenever another process holds one of the two cores; ``OMP_WAIT_POLICY=PASSIVE``
@@ -50,6 +56,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import itertools
 import json
 import os
 import platform
@@ -86,7 +93,9 @@ REFERENCE = {
     "B": {"encode": 98.0, "decode": 99.0, "train": 11.6},
 }
 TARGET_RATIO = {"encode": 1.0, "decode": 1.0, "train": 1.5}
-OPS = ("encode", "decode", "train")
+OPS = ("encode", "decode", "train")  # timed by default; ALL_OPS adds "optimizer"
+ALL_OPS = (*OPS, "optimizer")
+OPTIMIZER_IMPLS = ("default", "foreach", "fused")
 MODES = ("eager", "compiled", "frozen")
 
 
@@ -153,13 +162,20 @@ def matmul_peak(
 
 
 def machine() -> dict[str, object]:
-    cpu = platform.processor()
+    """The CPU (with its family and model numbers, which tell CPU generations apart where the
+    model name does not: AMD family 25 is Zen 3/4, 26 Zen 5), threads and library versions."""
+    cpu, fields = platform.processor(), {}
     if os.path.exists("/proc/cpuinfo"):
-        names = [line for line in Path("/proc/cpuinfo").read_text().splitlines()]
-        names = [line.split(":", 1)[1].strip() for line in names if line.startswith("model name")]
-        cpu = names[0] if names else cpu
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+        cpu = fields.get("model name", cpu)
     return {
         "cpu": cpu,
+        "cpu_family": fields.get("cpu family"),
+        "cpu_model": fields.get("model"),
+        "avx512f": "avx512f" in fields.get("flags", "").split(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
@@ -227,21 +243,39 @@ def model_flops(config: JetConfig, batch: int, device: str) -> dict[str, int]:
 
 
 def setup(
-    config: JetConfig, batch: int, device: str, fused_optimizer: bool = False
+    config: JetConfig, batch: int, device: str, optimizer_impl: str = "default"
 ) -> tuple[Jet, torch.optim.Optimizer, torch.Tensor]:
     """A perturbed Jet (weights do not change the work), its reference optimizer and images.
 
-    ``fused_optimizer`` runs the reference optimizer's update (same AdamW hyperparameters,
-    same maths) with PyTorch's fused kernel instead of its default per-parameter loop.
+    ``optimizer_impl`` ``"foreach"`` or ``"fused"`` runs the reference optimizer's update
+    (same AdamW hyperparameters, same maths) with PyTorch's multi-tensor loop or its fused
+    kernel instead of the default implementation.
     """
     torch.manual_seed(0)
     jet = perturb_parameters_(Jet(config), scale=0.02).to(device)
     optimizer = reference_optimizer(jet.parameters(), TrainConfig())
-    if fused_optimizer:
+    if optimizer_impl not in OPTIMIZER_IMPLS:
+        raise SystemExit(f"unknown optimizer {optimizer_impl!r}; expected one of {OPTIMIZER_IMPLS}")
+    if optimizer_impl != "default":
         hyper = {k: optimizer.defaults[k] for k in ("lr", "betas", "eps", "weight_decay")}
-        optimizer = torch.optim.AdamW(jet.parameters(), **hyper, fused=True)
+        optimizer = torch.optim.AdamW(jet.parameters(), **hyper, **{optimizer_impl: True})
     images = torch.rand(batch, config.channels, *config.image_size, device=device) * 2 - 1
     return jet, optimizer, images
+
+
+def optimizer_step(jet, optimizer):
+    """The training step's clipping and AdamW update alone, on fixed small gradients (their
+    global norm stays below the clipping threshold, so no call rescales them)."""
+    params = list(jet.parameters())
+    grads = [torch.full_like(p, 1e-5) for p in params]
+
+    def step():
+        for param, grad in zip(params, grads, strict=True):
+            param.grad = grad
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+
+    return step
 
 
 def training_step(jet, optimizer, images, forward=None, autocast=None):
@@ -268,15 +302,15 @@ def workloads(
     bf16: bool,
     mode: str,
     device: str,
-    fused_optimizer: bool = False,
+    optimizer_impl: str = "default",
     compile_backend: str = "inductor",
 ) -> dict[str, Callable[[], object]]:
-    """The three timed callables (see :func:`setup`) in ``mode``: ``eager``, ``compiled``
+    """The timed callables of :data:`OPS` (see :func:`setup`) in ``mode``: ``eager``, ``compiled``
     (``torch.compile``) or ``frozen`` (encode and decode compiled with Inductor's freezing:
     the weights become constants, folded and pre-packed; training as ``compiled``)."""
     if mode not in MODES:
         raise SystemExit(f"unknown mode {mode!r}; expected one of {MODES}")
-    jet, optimizer, images = setup(config, batch, device, fused_optimizer)
+    jet, optimizer, images = setup(config, batch, device, optimizer_impl)
     with torch.no_grad():
         tokens = jet(images)[0]
     forward = infer = jet
@@ -300,7 +334,8 @@ def workloads(
             return inverse(tokens)
 
     train = training_step(jet, optimizer, images, forward, autocast)
-    return {"encode": encode, "decode": decode, "train": train}
+    step = optimizer_step(jet, optimizer)
+    return {"encode": encode, "decode": decode, "train": train, "optimizer": step}
 
 
 def profile_table(fn: Callable[[], object], rows: int = 20) -> str:
@@ -324,24 +359,29 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default: 32")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     parser.add_argument("--modes", nargs="+", default=list(MODES))
-    parser.add_argument("--ops", nargs="+", default=list(OPS))
-    parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--ops", nargs="+", default=list(OPS), choices=ALL_OPS)
+    parser.add_argument(
+        "--attention-backends", nargs="+", default=["auto"], help="each timed in turn"
+    )
     parser.add_argument("--backprop", default="standard")
     parser.add_argument("--seconds", type=float, default=3.0, help="timing per measurement")
     parser.add_argument(
         "--profile", action="store_true", help="add torch.profiler's top ops of each timed call"
     )
     parser.add_argument(
-        "--fused-optimizer",
-        action="store_true",
-        help="the reference AdamW update with torch's fused kernel (same maths, fewer ops)",
+        "--optimizer",
+        default="default",
+        choices=OPTIMIZER_IMPLS,
+        help="the reference AdamW update's implementation (the same maths): reference_optimizer's "
+        "default, PyTorch's multi-tensor foreach loop or its fused kernel",
     )
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile's backend")
     parser.add_argument("--peak-sizes", type=int, nargs="+", help="matmul sizes for the peak")
     parser.add_argument("--peak-seconds", type=float, default=1.0, help="timing per peak size")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     smoke = dict(configs=["smoke"], batch_sizes=[4], precisions=["bf16"], seconds=0.05,
-                 compile_backend="aot_eager", peak_sizes=[256], peak_seconds=0.02)  # fmt: skip
+                 compile_backend="aot_eager", peak_sizes=[256], peak_seconds=0.02,
+                 ops=list(ALL_OPS))  # fmt: skip
     args = parse_args(parser, "benchmarks/results/throughput.json", smoke)
 
     load_before = os.getloadavg()
@@ -354,55 +394,54 @@ def main() -> None:
     results = []
     for name in args.configs:
         for batch in args.batch_sizes or [DEFAULT_BATCH.get(name, 32)]:
-            config = config_named(
-                name, attention_backend=args.attention_backend, backprop=args.backprop
-            )
-            flops = model_flops(config, batch, args.device)
-            for mode in args.modes:
-                for precision in args.precisions:
-                    calls = workloads(
-                        config,
-                        batch,
-                        precision == "bf16",
-                        mode,
-                        args.device,
-                        args.fused_optimizer,
-                        args.compile_backend,
-                    )
-                    for op in args.ops:
-                        loadavg = os.getloadavg()[0]
-                        row = {
-                            "config": name,
-                            "batch": batch,
-                            "precision": precision,
-                            "mode": mode,
-                            "op": op,
-                            **measure(calls[op], batch, args.seconds),
-                            "model_gflop": flops[op] / 1e9,
-                            "load_1min": loadavg,
-                            "optimizer": "AdamW fused" if args.fused_optimizer else "AdamW",
-                        }
-                        row["gflops"] = flops[op] * row["images_per_s"] / batch / 1e9
-                        row["mfu"] = row["gflops"] / peak[precision]["gflops"]
-                        reference = REFERENCE.get(name, {}).get(op) if batch == 32 else None
-                        if reference is not None:
-                            row["reference_images_per_s"] = reference
-                            # The model FLOP rate the reference's figure implies, and that
-                            # rate against this machine's fp32 matmul peak measured above.
-                            row["reference_gflops"] = flops[op] * reference / batch / 1e9
-                            row["reference_fraction_of_fp32_peak"] = (
-                                row["reference_gflops"] / peak["fp32"]["gflops"]
-                            )
-                            row["ratio_to_reference"] = row["images_per_s"] / reference
-                            row["target_ratio"] = TARGET_RATIO[op]
-                            row["target_met"] = row["ratio_to_reference"] >= TARGET_RATIO[op]
-                        if args.profile:
-                            row["profile"] = profile_table(calls[op])
-                        results.append(row)
-                        print(_format(row), flush=True)
-                        if "profile" in row:
-                            print(row["profile"], flush=True)
-                    del calls
+            flops = model_flops(config_named(name), batch, args.device)
+            runs = itertools.product(args.modes, args.precisions, args.attention_backends)
+            for mode, precision, backend in runs:
+                config = config_named(name, attention_backend=backend, backprop=args.backprop)
+                calls = workloads(
+                    config,
+                    batch,
+                    precision == "bf16",
+                    mode,
+                    args.device,
+                    args.optimizer,
+                    args.compile_backend,
+                )
+                for op in args.ops:
+                    loadavg = os.getloadavg()[0]
+                    row = {
+                        "config": name,
+                        "batch": batch,
+                        "precision": precision,
+                        "mode": mode,
+                        "attention_backend": backend,
+                        "op": op,
+                        **measure(calls[op], batch, args.seconds),
+                        "model_gflop": flops.get(op, 0) / 1e9,
+                        "load_1min": loadavg,
+                        "optimizer": f"AdamW {args.optimizer}",
+                    }
+                    row["gflops"] = flops.get(op, 0) * row["images_per_s"] / batch / 1e9
+                    row["mfu"] = row["gflops"] / peak[precision]["gflops"]
+                    reference = REFERENCE.get(name, {}).get(op) if batch == 32 else None
+                    if reference is not None:
+                        row["reference_images_per_s"] = reference
+                        # The model FLOP rate the reference's figure implies, and that
+                        # rate against this machine's fp32 matmul peak measured above.
+                        row["reference_gflops"] = flops[op] * reference / batch / 1e9
+                        row["reference_fraction_of_fp32_peak"] = (
+                            row["reference_gflops"] / peak["fp32"]["gflops"]
+                        )
+                        row["ratio_to_reference"] = row["images_per_s"] / reference
+                        row["target_ratio"] = TARGET_RATIO[op]
+                        row["target_met"] = row["ratio_to_reference"] >= TARGET_RATIO[op]
+                    if args.profile:
+                        row["profile"] = profile_table(calls[op])
+                    results.append(row)
+                    print(_format(row), flush=True)
+                    if "profile" in row:
+                        print(row["profile"], flush=True)
+                del calls
     report = {
         "benchmark": "throughput",
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
@@ -421,6 +460,8 @@ def _format(row: dict) -> str:
         f"{row['op']:>6}: {row['images_per_s']:8.1f} img/s (best {row['images_per_s_best']:7.1f})"
         f"  {row['gflops']:6.1f} GFLOP/s  MFU {100 * row['mfu']:4.1f}%"
     )
+    if row["attention_backend"] != "auto":
+        text += f"  {row['attention_backend']} attention"
     if "ratio_to_reference" in row:
         mark = "ok" if row["target_met"] else "below"
         text += f"  x{row['ratio_to_reference']:.2f} ref (target x{row['target_ratio']}: {mark})"

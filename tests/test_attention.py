@@ -159,3 +159,31 @@ def test_projections_are_stored_fused_and_never_concatenated_per_call(source_dim
         attention(*args)
     assert "cat" not in calls.names
     assert calls.names.count("linear") == (3 if source_dim else 2)  # (q), qkv or kv, out
+
+
+def _compiled_targets(layer: torch.nn.Module, x: torch.Tensor) -> tuple[list[str], torch.Tensor]:
+    """The ops Dynamo traces for ``layer(x)``, and the compiled output."""
+    targets: list[str] = []
+
+    def record(graph_module, example_inputs):
+        targets.extend(str(node.target) for node in graph_module.graph.nodes)
+        return graph_module
+
+    torch._dynamo.reset()
+    return targets, torch.compile(layer, backend=record)(x)
+
+
+def test_auto_attention_takes_the_math_path_inside_torch_compile_on_the_cpu():
+    """Inductor fuses math attention's softmax into its kernels, and SDPA's CPU backward is slow
+    on small heads: compiled, "auto" traces math for float32; eager, it stays on SDPA."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    auto = _randomised(Attention(8, 2, backend="auto"))
+    sdpa = Attention(8, 2, backend="sdpa")
+    sdpa.load_state_dict(auto.state_dict())
+    auto_targets, compiled = _compiled_targets(auto, x)
+    sdpa_targets, _ = _compiled_targets(sdpa, x)
+    assert any("scaled_dot_product" in target for target in sdpa_targets)
+    assert not any("scaled_dot_product" in target for target in auto_targets)
+    assert any("softmax" in target for target in auto_targets)
+    torch.testing.assert_close(compiled, sdpa(x), atol=1e-6, rtol=1e-5)
