@@ -24,7 +24,7 @@ Named configurations: ``A`` and ``B`` (the reference measurements below, JAX 0.6
 0.10.6 on an idle 2-core machine of this kind, fp32), ``smoke`` (a tiny Jet for ``--smoke``)
 and every ``JetConfig`` preset name.
 Attention runs on the ``"auto"`` backend by default (on the CPU: SDPA for eager fp32, the
-matmul path for bf16 and inside ``torch.compile``); ``--attention-backends`` times each
+matmul path for bf16 and in a compiled training step); ``--attention-backends`` times each
 backend it lists in turn (the row says which). ``--profile`` adds torch.profiler's top ops
 of each timed call to the JSON;
 ``--optimizer foreach`` or ``fused`` runs the reference AdamW update with PyTorch's

@@ -22,11 +22,12 @@ Attention runs on one of :data:`ATTENTION_BACKENDS` (the same function, up to ro
   tensors (float16, bfloat16, float32) when it is installed; ``"math"`` for bfloat16/float16
   CPU tensors (bf16 autocast), where SDPA's CPU flash kernel is slow, above all backward
   (attention forward + backward on one core, bf16: math 3.8x faster at 64 tokens of width
-  128, 1.1-1.8x at 64 to 256 tokens of width 128-512), and for float32 CPU tensors inside
-  ``torch.compile``, where Inductor fuses the softmax and scaling into its own kernels
-  (compiled training steps 9-17% faster than with SDPA's CPU kernel, whose backward is slow
-  on small heads); ``"sdpa"`` otherwise (eager float32 and float64 on the CPU, where it
-  matched or beat math, and CUDA without xformers).
+  128, 1.1-1.8x at 64 to 256 tokens of width 128-512), and for float32 CPU tensors in a
+  compiled training step (``torch.compile`` with grad mode on), where Inductor fuses the
+  softmax and scaling into its own kernels and SDPA's CPU backward is slow on small heads
+  (measured 4-10% faster steps; compiled inference was as fast or faster on SDPA);
+  ``"sdpa"`` otherwise (eager float32 and float64 on the CPU, where it matched or beat math,
+  and CUDA without xformers).
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def _math_is_faster(q: Tensor) -> bool:
     """Where ``"auto"`` picks ``math_attention`` (see the module docstring)."""
     if q.device.type != "cpu":
         return False
-    return q.dtype in _HALF_DTYPES or (q.dtype == torch.float32 and torch.compiler.is_compiling())
+    compiled_training = torch.compiler.is_compiling() and torch.is_grad_enabled()
+    return q.dtype in _HALF_DTYPES or (q.dtype == torch.float32 and compiled_training)
 
 
 def xformers_available() -> bool:

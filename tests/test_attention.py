@@ -173,17 +173,22 @@ def _compiled_targets(layer: torch.nn.Module, x: torch.Tensor) -> tuple[list[str
     return targets, torch.compile(layer, backend=record)(x)
 
 
-def test_auto_attention_takes_the_math_path_inside_torch_compile_on_the_cpu():
+def _uses_sdpa(targets: list[str]) -> bool:
+    return any("scaled_dot_product" in target for target in targets)
+
+
+def test_auto_attention_takes_the_math_path_in_compiled_training_on_the_cpu():
     """Inductor fuses math attention's softmax into its kernels, and SDPA's CPU backward is slow
-    on small heads: compiled, "auto" traces math for float32; eager, it stays on SDPA."""
+    on small heads: in a compiled step with autograd "auto" traces math for float32; without
+    autograd (compiled inference) and in eager mode it stays on SDPA."""
     torch.manual_seed(0)
     x = torch.randn(2, 5, 8)
     auto = _randomised(Attention(8, 2, backend="auto"))
     sdpa = Attention(8, 2, backend="sdpa")
     sdpa.load_state_dict(auto.state_dict())
     auto_targets, compiled = _compiled_targets(auto, x)
-    sdpa_targets, _ = _compiled_targets(sdpa, x)
-    assert any("scaled_dot_product" in target for target in sdpa_targets)
-    assert not any("scaled_dot_product" in target for target in auto_targets)
-    assert any("softmax" in target for target in auto_targets)
+    assert _uses_sdpa(_compiled_targets(sdpa, x)[0])
+    assert not _uses_sdpa(auto_targets) and any("softmax" in t for t in auto_targets)
     torch.testing.assert_close(compiled, sdpa(x), atol=1e-6, rtol=1e-5)
+    with torch.no_grad():
+        assert _uses_sdpa(_compiled_targets(auto, x)[0])
