@@ -305,9 +305,10 @@ def workloads(
     optimizer_impl: str = "default",
     compile_backend: str = "inductor",
 ) -> dict[str, Callable[[], object]]:
-    """The timed callables of :data:`OPS` (see :func:`setup`) in ``mode``: ``eager``, ``compiled``
-    (``torch.compile``) or ``frozen`` (encode and decode compiled with Inductor's freezing:
-    the weights become constants, folded and pre-packed; training as ``compiled``)."""
+    """The timed callables of :data:`ALL_OPS` (see :func:`setup`) in ``mode``: ``eager``,
+    ``compiled`` (``torch.compile``) or ``frozen`` (encode and decode compiled with
+    Inductor's freezing: the weights become constants and are folded; training as
+    ``compiled``)."""
     if mode not in MODES:
         raise SystemExit(f"unknown mode {mode!r}; expected one of {MODES}")
     jet, optimizer, images = setup(config, batch, device, optimizer_impl)

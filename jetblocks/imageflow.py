@@ -232,7 +232,8 @@ class ImageFlow(Flow):
 class FrozenFlow:
     """Fast inference: a flow's ``encode`` / ``decode`` as ``torch.compile`` graphs with
     Inductor's *freezing*: the weights become constants, so the compiler folds what depends
-    on them only and pre-packs the matmul weights (oneDNN on a CPU), and the graphs fuse
+    on them only (and pre-packs the weights of plain ``nn.Linear`` layers;
+    ``jetblocks.Linear``'s float32 oneDNN products run as they are), and the graphs fuse
     the layer norms, GELUs and bias adds that eager mode runs one by one.
 
     The weights are a snapshot: after they change (training, ``load_state_dict``) a call
