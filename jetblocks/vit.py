@@ -103,7 +103,7 @@ class TanhGELU(nn.GELU):
     """``nn.GELU(approximate="tanh")``, the reference's (Flax's default) GELU. For float32 CPU
     tensors with grad mode off (``torch.no_grad``, inference) it is computed as
     ``x * sigmoid(2u)``, the same function up to float32 rounding and faster than PyTorch's
-    tanh-based kernel on CPUs where its tanh is slow (AMD Zen 5 here). With grad mode on it
+    tanh-based kernel on CPUs where its tanh is slow (the AMD EPYCs here). With grad mode on it
     is PyTorch's kernel and its fused backward, whether or not this input needs a gradient,
     so a result never depends on which parameters are trainable."""
 
