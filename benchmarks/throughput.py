@@ -71,6 +71,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from jetblocks import Jet, JetConfig
 from jetblocks.checkpoint import atomic_file
 from jetblocks.jet import PRESETS
+from jetblocks.multiscale import MULTISCALE_PRESETS, MultiScaleConfig
+from jetblocks.pretrained import model_class
 from jetblocks.likelihood import bits_per_dim
 from jetblocks.linear import onednn_linear
 from jetblocks.testing import perturb_parameters_
@@ -99,13 +101,19 @@ OPTIMIZER_IMPLS = ("default", "foreach", "fused")
 MODES = ("eager", "compiled", "frozen")
 
 
-def config_named(name: str, **overrides) -> JetConfig:
-    """Configuration ``A``, ``B`` or a ``JetConfig`` preset, with overrides."""
+def config_named(name: str, **overrides) -> JetConfig | MultiScaleConfig:
+    """Configuration ``A``, ``B``, a ``JetConfig`` preset or a ``MultiScaleConfig`` preset
+    (whose ``depth`` is its couplings per scale), with overrides."""
     if name in CONFIGS:
         return dataclasses.replace(CONFIGS[name], **overrides)
     if name in PRESETS:
         return JetConfig.preset(name, **overrides)
-    raise SystemExit(f"unknown config {name!r}; expected one of {[*CONFIGS, *PRESETS]}")
+    if name in MULTISCALE_PRESETS:
+        if "depth" in overrides:
+            overrides["couplings_per_scale"] = overrides.pop("depth")
+        return MultiScaleConfig.preset(name, **overrides)
+    known = [*CONFIGS, *PRESETS, *MULTISCALE_PRESETS]
+    raise SystemExit(f"unknown config {name!r}; expected one of {known}")
 
 
 # -- the command line and the report ------------------------------------------------------------
@@ -252,7 +260,7 @@ def setup(
     kernel instead of the default implementation.
     """
     torch.manual_seed(0)
-    jet = perturb_parameters_(Jet(config), scale=0.02).to(device)
+    jet = perturb_parameters_(model_class(config.to_dict())(config), scale=0.02).to(device)
     optimizer = reference_optimizer(jet.parameters(), TrainConfig())
     if optimizer_impl != "default":
         hyper = {k: optimizer.defaults[k] for k in ("lr", "betas", "eps", "weight_decay")}

@@ -19,6 +19,21 @@ GRID_FORMATS = {
     ".jpeg": ("JPEG", {"quality": 95}),
 }
 GRID_SUFFIXES = tuple(GRID_FORMATS)
+# The largest grid written: Pillow's default limit on the images it opens (a larger file
+# would be refused as a possible decompression bomb when read back).
+MAX_GRID_PIXELS = 1024 * 1024 * 1024 // 4 // 3
+
+
+def check_grid_size(count: int, ncols: int, height: int, width: int) -> None:
+    """Refuse a grid of ``count`` images of ``height x width`` in ``ncols`` columns that
+    would exceed :data:`MAX_GRID_PIXELS` (before anything is computed)."""
+    rows = -(-count // max(ncols, 1))
+    pixels = rows * height * min(count, ncols) * width
+    if pixels > MAX_GRID_PIXELS:
+        raise ValueError(
+            f"a grid of {count:,} images of {height}x{width} has {pixels:,} pixels, more than "
+            f"{MAX_GRID_PIXELS:,} (the most an image viewer or Pillow opens); ask for fewer"
+        )
 
 
 def save_grid(pixels: Tensor, path: str | os.PathLike, ncols: int) -> Path:
@@ -35,6 +50,7 @@ def save_grid(pixels: Tensor, path: str | os.PathLike, ncols: int) -> Path:
             f"save_grid needs at least one image and ncols >= 1, got {len(pixels)} "
             f"images and ncols={ncols}"
         )
+    check_grid_size(len(pixels), ncols, *pixels.shape[2:])
     suffix = Path(path).suffix.lower()
     if suffix not in GRID_FORMATS:
         raise ValueError(
@@ -58,20 +74,22 @@ def _check_pixels(pixels: Tensor, caller: str) -> None:
         )
 
 
-def save_images(pixels: Tensor, directory: str | os.PathLike, stems: list[str]) -> list[Path]:
-    """Write uint8 images ``[B, C, H, W]`` as ``directory/STEM.png``, one per image, each
-    atomically; refuses to overwrite any existing file."""
+def save_images(pixels: Tensor, paths: list[Path]) -> list[Path]:
+    """Write uint8 images ``[B, C, H, W]`` as PNG files ``paths`` (one per image, folders
+    created), each atomically. Nothing is written if any of them exists already.
+
+    The paths are the caller's: names read from a file go through
+    :func:`jetblocks.paths.plan_outputs` first.
+    """
     Image = require("PIL.Image", "save_images")
     _check_pixels(pixels, "save_images")
-    directory = Path(directory)
-    if len(stems) != len(pixels):
-        raise ValueError(f"{len(pixels)} images but {len(stems)} names")
-    paths = [directory / f"{stem}.png" for stem in stems]
-    taken = [path for path in paths if path.exists()]
+    if len(paths) != len(pixels):
+        raise ValueError(f"{len(pixels)} images but {len(paths)} file names")
+    taken = [path for path in paths if os.path.lexists(path)]
     if taken:
         raise FileExistsError(
             f"{len(taken)} of the {len(paths)} files exist already (first: {taken[0]}); "
-            "choose an empty folder"
+            "choose an empty folder (nothing was written)"
         )
     for image, path in zip(pixels.cpu(), paths, strict=True):
         array = einops.rearrange(image, "c h w -> h w c").squeeze(-1).numpy()

@@ -34,6 +34,16 @@ from torch import Tensor
 from jetblocks import rng
 from jetblocks.heads import GaussianMixture, GMMHead, sample_guided
 from jetblocks.latents import merge_tokens
+from jetblocks.validation import (
+    COUNT,
+    GUIDANCE,
+    NON_NEGATIVE,
+    POSITIVE_INT,
+    SAMPLER,
+    TEMPERATURE,
+    Number,
+    checked,
+)
 
 
 class Decoder(Protocol):
@@ -42,6 +52,7 @@ class Decoder(Protocol):
     def __call__(self, x: Tensor, cache: Any = None) -> Tensor: ...
 
 
+@checked(queries=COUNT, keys=Number(int, low=0, optional=True))
 def causal_mask(queries: int, keys: int | None = None, *, device=None) -> Tensor:
     """Boolean ``[queries, keys]``, True where attending is allowed.
 
@@ -86,6 +97,7 @@ def soft_token_nll(
     return head.nll(h[:, prefix.shape[1] - 1 :], kept)
 
 
+@checked(max_std=NON_NEGATIVE)
 def add_input_noise(tokens: Tensor, max_std: float, *, generator: rng.Generator = None) -> Tensor:
     """``tokens + s * eps`` with ``s ~ U[0, max_std]`` per example and ``eps ~ N(0, I)``.
 
@@ -93,8 +105,6 @@ def add_input_noise(tokens: Tensor, max_std: float, *, generator: rng.Generator 
     feeds the noisy tokens to the decoder *and* scores them (no clean targets), on
     text-first (generation) rows only.
     """
-    if not max_std >= 0:
-        raise ValueError(f"add_input_noise: max_std must be >= 0, got {max_std!r}")
     per_example = (len(tokens),) + (1,) * (tokens.dim() - 1)
     std = max_std * rng.rand(per_example, generator=generator, like=tokens)
     return tokens + std * rng.randn(tokens.shape, generator=generator, like=tokens)
@@ -108,6 +118,7 @@ class KVCache:
     Storage is allocated on the first update with its dtype and device (it follows autocast).
     """
 
+    @checked(depth=POSITIVE_INT, max_len=COUNT)
     def __init__(self, depth: int, max_len: int) -> None:
         self.depth, self.max_len = depth, max_len
         self.keys: Tensor | None = None
@@ -147,6 +158,7 @@ Step = Callable[[Tensor], tuple[Tensor, Tensor]]
 
 
 @torch.no_grad()
+@checked(steps=COUNT)
 def generate(
     decoder: Decoder,
     prefix: Tensor,
@@ -154,23 +166,28 @@ def generate(
     next_token: Step,
     *,
     prefix_mask: Tensor | None = None,
-    use_cache: bool = True,
+    use_cache: bool | None = None,
 ) -> list[Tensor]:
     """The token-by-token loop: ``steps`` tokens after the embedded ``prefix [B, S, W]``.
 
     ``next_token(h)`` gets the last hidden state ``[B, 1, W]`` and returns ``(token,
-    embedded)``: what to keep and what to feed back (``[B, 1, W]``). Returns the tokens.
-    With ``use_cache`` (and a decoder with ``new_cache``) each step runs the decoder on one
-    position; otherwise the whole sequence is recomputed: the same tokens either way.
-    ``prefix_mask [B, S]`` (False: a pad nobody attends to) is passed on as ``mask=``.
+    embedded)``: what to keep and what to feed back (``[B, 1, W]``). Returns the tokens
+    (none for ``steps = 0``). ``use_cache``: None (default) runs the decoder on one
+    position per step when it offers ``new_cache(max_len)`` and recomputes the whole
+    sequence otherwise; True requires the cache, False never uses it. The tokens are the
+    same either way. ``prefix_mask [B, S]`` (False: a pad nobody attends to) is passed on
+    as ``mask=``.
     """
-    cache = None
-    if use_cache:
-        if not hasattr(decoder, "new_cache"):
-            raise TypeError(
-                f"{type(decoder).__name__} has no new_cache(max_len); pass use_cache=False"
-            )
-        cache = decoder.new_cache(prefix.shape[1] + steps)
+    has_cache = hasattr(decoder, "new_cache")
+    if use_cache and not has_cache:
+        raise TypeError(
+            f"use_cache=True, but {type(decoder).__name__} has no new_cache(max_len); pass "
+            "use_cache=None (recompute without a cache) or give the decoder a cache"
+        )
+    if steps == 0:
+        return []
+    wants_cache = has_cache and use_cache is not False
+    cache = decoder.new_cache(prefix.shape[1] + steps) if wants_cache else None
 
     def run(x: Tensor, mask: Tensor | None) -> Tensor:
         args = () if cache is None else (cache,)
@@ -194,6 +211,7 @@ def generate(
 
 
 @torch.no_grad()
+@checked(num_tokens=COUNT, guidance=GUIDANCE, temperature=TEMPERATURE, sampler=SAMPLER)
 def sample_soft_tokens(
     decoder: Decoder,
     head: GMMHead,
@@ -206,7 +224,7 @@ def sample_soft_tokens(
     guidance: float = 0.0,
     temperature: float = 1.0,
     sampler: str = "exact",
-    use_cache: bool = True,
+    use_cache: bool | None = None,
     generator: rng.Generator = None,
 ) -> Tensor:
     """``num_tokens`` soft tokens ``[B, N, d]`` after ``prefix [B, S, W]``, one at a time.
@@ -215,8 +233,9 @@ def sample_soft_tokens(
     ``guidance = w != 0``, ``uncond_prefix`` (same shape, e.g. the prompt dropped, every
     position visible) runs alongside and tokens come from :func:`jetblocks.sample_guided`
     (``sampler``: ``"exact"`` guided Gaussian or the reference's ``"rejection"`` sampler);
-    both rows get the token. ``prefix_mask [B, S]`` marks padding of the prompts (see
-    :func:`generate`).
+    both rows get the token. ``prefix_mask [B, S]`` marks padding of the prompts and
+    ``use_cache`` says whether to use the decoder's KV cache (see :func:`generate`). With
+    ``num_tokens = 0`` the result is the empty ``[B, 0, d]``.
     """
     guided = guidance != 0.0
     if guided:
@@ -243,6 +262,8 @@ def sample_soft_tokens(
     tokens = generate(
         decoder, prefix, num_tokens, next_token, prefix_mask=prefix_mask, use_cache=use_cache
     )
+    if not tokens:
+        return prefix.new_zeros(rows, 0, head.dim, dtype=torch.float32)
     return torch.cat(tokens, dim=1)
 
 

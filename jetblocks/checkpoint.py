@@ -152,6 +152,19 @@ def read_metadata(path: Path) -> dict[str, str]:
         raise CorruptCheckpointError(f"checkpoint file {path} is corrupt: {error}") from None
 
 
+def read_tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """The name and shape of every tensor of a safetensors file, from its header alone."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise CorruptCheckpointError(f"checkpoint file {path} is missing")
+    try:
+        with safe_open(path, framework="pt") as opened:
+            return {name: tuple(opened.get_slice(name).get_shape()) for name in opened.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CorruptCheckpointError(f"checkpoint file {path} is corrupt: {error}") from None
+
+
 def read_tensors(path: Path) -> dict[str, Tensor]:
     """Every tensor of a safetensors file; a digest in its header must match."""
     from safetensors import SafetensorError
@@ -231,15 +244,27 @@ def load_state(directory: str | os.PathLike, name: str) -> Any:
         ) from None
 
 
-def read_json(path: Path) -> Any:
+def parse_json(text: str | bytes, where: str) -> Any:
+    """``text`` parsed as JSON; anything unparsable (bad syntax or encoding, nesting too
+    deep, an integer of too many digits) raises :class:`CorruptCheckpointError` naming
+    ``where``."""
     try:
-        return json.loads(path.read_text())
+        return json.loads(text)
+    except RecursionError:
+        raise CorruptCheckpointError(f"{where} is nested too deeply to be read") from None
+    except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
+        raise CorruptCheckpointError(f"{where} is not valid JSON: {error}") from None
+
+
+def read_json(path: Path) -> Any:
+    """The JSON value in the file ``path`` (see :func:`parse_json`)."""
+    try:
+        text = Path(path).read_bytes()
     except FileNotFoundError:
         raise CorruptCheckpointError(f"checkpoint file {path} is missing") from None
     except IsADirectoryError:
         raise CorruptCheckpointError(f"checkpoint file {path} is a directory") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CorruptCheckpointError(f"checkpoint file {path} is corrupt: {error}") from None
+    return parse_json(text, f"{path}")
 
 
 # -- models ---------------------------------------------------------------------------------------
@@ -291,22 +316,20 @@ def save_model(
     return directory
 
 
-# Settings that choose how, not what, a model computes: a checkpoint made with one value
-# loads and resumes with another.
-RUNTIME_FIELDS = frozenset({"attention_backend", "backprop"})
-
-
 def config_mismatch(expected: dict[str, Any], found: dict[str, Any], prefix: str = "") -> list[str]:
     """``"field: expected X, checkpoint has Y"`` for every field where two configs differ.
 
-    Nested dicts are compared field by field (named ``outer.inner``); fields in
-    :data:`RUNTIME_FIELDS` are ignored at any depth.
+    Nested dicts are compared field by field (named ``outer.inner``); fields that a config
+    class declares ``runtime`` (:func:`jetblocks.config.setting`) are ignored at any depth.
     """
+    from jetblocks.config import runtime_fields
+
+    ignored = runtime_fields()
     expected, found = json.loads(json.dumps(expected)), json.loads(json.dumps(found))
     mismatches = []
     for name in sorted(set(expected) | set(found)):
         mine, theirs = expected.get(name), found.get(name)
-        if name in RUNTIME_FIELDS or mine == theirs:
+        if name in ignored or mine == theirs:
             continue
         if isinstance(mine, dict) and isinstance(theirs, dict):
             mismatches += config_mismatch(mine, theirs, prefix=f"{prefix}{name}.")
@@ -324,7 +347,12 @@ def read_model_config(directory: str | os.PathLike) -> dict[str, Any]:
         raise CorruptCheckpointError(f"{directory}/config.json must hold a JSON object")
     stored = read_metadata(directory / "model.safetensors").get(CONFIG_KEY)
     if stored is not None:
-        edited = config_mismatch(json.loads(stored), config)
+        saved_with = parse_json(stored, f"the configuration in {directory}/model.safetensors")
+        if not isinstance(saved_with, dict):
+            raise CorruptCheckpointError(
+                f"the configuration in {directory}/model.safetensors is not a JSON object"
+            )
+        edited = config_mismatch(saved_with, config)
         if edited:
             raise CorruptCheckpointError(
                 f"{directory}/config.json does not match the configuration its weights were "

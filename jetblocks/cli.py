@@ -25,24 +25,16 @@ from pathlib import Path
 
 import torch
 
-from jetblocks.checkpoint import CheckpointError, read_json, read_tensors, resolve_checkpoint
+from jetblocks.checkpoint import CheckpointError, read_json
 from jetblocks.extras import missing_dependency
 from jetblocks.flow import BACKPROP_MODES
 from jetblocks.imageflow import ImageFlow
-from jetblocks.jet import PRESETS, Jet, JetConfig
+from jetblocks.jet import PRESETS, JetConfig
 from jetblocks.likelihood import to_uint8
-from jetblocks.multiscale import MULTISCALE_PRESETS, MultiScaleConfig, MultiScaleFlow
+from jetblocks.multiscale import MULTISCALE_PRESETS, MultiScaleConfig
+from jetblocks.pretrained import load_pretrained, model_class
 from jetblocks.train import DivergenceError, TrainConfig
-
-MODELS = {"jet": Jet, "multiscale": MultiScaleFlow}  # the config's "model" field (none: Jet)
-
-
-def model_class(config: dict) -> type[ImageFlow]:
-    """The model class a config dict describes."""
-    name = config.get("model", "jet")
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r} in the config; expected one of {list(MODELS)}")
-    return MODELS[name]
+from jetblocks.validation import NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED
 
 
 def model_config(args):
@@ -52,19 +44,20 @@ def model_config(args):
     if not args.config:
         return JetConfig.preset(args.preset)
     try:
-        values = json.loads(Path(args.config).read_text())
+        values = read_json(Path(args.config))
         return model_class(values).config_class.from_dict(values)
-    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError) as error:
-        raise ValueError(
-            f"--config {args.config} is not a model config JSON file: {error}"
-        ) from None
+    except (TypeError, ValueError) as error:
+        text, path = str(error), str(args.config)
+        text = text[len(path) :] if text.startswith(path) else f" is not a model config: {text}"
+        raise ValueError(f"--config {path}{text}") from None
 
 
 def load_model(path: str | Path, device: torch.device) -> ImageFlow:
     """The model saved at ``path`` (a run, a checkpoint or a pretrained directory)."""
-    config = read_json(resolve_checkpoint(path) / "config.json")
-    cls = model_class(config if isinstance(config, dict) else {})
-    return cls.from_pretrained(path).to(device).eval()
+    model = load_pretrained(path)
+    if not isinstance(model, ImageFlow):
+        raise CheckpointError(f"{path} holds a {type(model).__name__}, not an image flow")
+    return model.to(device).eval()
 
 
 def _source(args, jet_config, split: str):
@@ -212,21 +205,29 @@ def cmd_eval(args) -> None:
 
 
 def cmd_sample(args) -> None:
-    from jetblocks.integrations.images import GRID_SUFFIXES, save_grid
+    from jetblocks.integrations.images import GRID_SUFFIXES, check_grid_size, save_grid
 
     out = _output_file(args.out, GRID_SUFFIXES)
+    ncols = args.ncols or math.ceil(math.sqrt(args.n))
     device = _device(args)
     jet = load_model(args.checkpoint, device)
+    try:
+        check_grid_size(args.n, ncols, *jet.config.image_size)
+    except ValueError as error:
+        raise ValueError(f"--n {args.n}: {error}") from None
     generator = torch.Generator(device).manual_seed(args.seed)
     with torch.no_grad():
-        images = jet.sample(args.n, args.temperature, generator=generator)
-    ncols = args.ncols or math.ceil(math.sqrt(args.n))
-    print(save_grid(to_uint8(images), out, ncols=ncols))
+        images = [
+            to_uint8(jet.sample(min(args.batch_size, args.n - start), args.temperature,
+                                generator=generator)).cpu()
+            for start in range(0, args.n, args.batch_size)
+        ]  # fmt: skip
+    print(save_grid(torch.cat(images), out, ncols=ncols))
 
 
 def cmd_encode(args) -> None:
-    from jetblocks.checkpoint import write_tensors
     from jetblocks.integrations.distributed import Distributed
+    from jetblocks.tokenfile import TokenFile, write_token_file
 
     out = _output_file(args.out, (".safetensors",))
     device = _device(args)
@@ -242,22 +243,32 @@ def cmd_encode(args) -> None:
             if sum(map(len, parts["tokens"])) >= count:
                 break
     tensors = {name: torch.cat(values)[:count] for name, values in parts.items()}
-    tensors["index"] = torch.arange(count)  # the source's order: loading is not shuffled
     names = getattr(source, "names", None)
-    metadata = {"config": jet.config.to_json(), "data": args.data, "split": args.split}
-    if names is not None:
-        metadata["names"] = json.dumps(names[:count])
-    write_tensors(out, tensors, metadata)
+    contents = TokenFile(
+        **tensors,
+        index=torch.arange(count),  # the source's order: loading is not shuffled
+        names=None if names is None else names[:count],
+        config=jet.config.to_dict(),
+        data=args.data,
+        split=args.split,
+    )
+    write_token_file(out, contents)
     print(
         f"encoded {count:,} images of {args.data} ({args.split}) into {out}: tokens "
-        f"{list(tensors['tokens'].shape)}, logdet, label, index"
+        f"{list(contents.tokens.shape)}, logdet, label, index"
         + (", names in the header" if names is not None else "")
     )
 
 
 def cmd_decode(args) -> None:
-    from jetblocks.checkpoint import read_metadata
-    from jetblocks.integrations.images import GRID_SUFFIXES, save_grid, save_images
+    from jetblocks.integrations.images import (
+        GRID_SUFFIXES,
+        check_grid_size,
+        save_grid,
+        save_images,
+    )
+    from jetblocks.paths import plan_outputs
+    from jetblocks.tokenfile import read_token_file
 
     out = Path(args.out)
     grid = out.suffix.lower() in GRID_SUFFIXES
@@ -265,25 +276,30 @@ def cmd_decode(args) -> None:
         raise ValueError(f"--out {out} is a file; expected an image file name or a folder")
     device = _device(args)
     jet = load_model(args.checkpoint, device)
-    token_file = Path(args.tokens)
-    saved = read_tensors(token_file)
-    tokens, cfg = saved.get("tokens"), jet.config
-    if tokens is None or tokens.dim() != 3 or tokens.shape[1:] != (cfg.num_tokens, cfg.token_dim):
-        found = None if tokens is None else list(tokens.shape)
+    contents = read_token_file(args.tokens)
+    tokens, (num_tokens, token_dim) = contents.tokens, jet.latent_shape
+    if tokens.shape[1:] != (num_tokens, token_dim):
         raise CheckpointError(
-            f"{args.tokens} must hold 'tokens' of shape [B, {cfg.num_tokens}, {cfg.token_dim}] "
-            f"for this Jet, got {found}"
+            f"{args.tokens} must hold 'tokens' of shape [B, {num_tokens}, {token_dim}] "
+            f"for this model, got {list(tokens.shape)}"
         )
-    with torch.no_grad():
-        pixels = to_uint8(jet.decode(tokens.to(device, next(jet.parameters()).dtype)))
+    index = contents.index.tolist()
+    paths = None if grid else plan_outputs(out, contents.names or [None] * len(index), index)
+    ncols = args.ncols or math.ceil(math.sqrt(len(tokens)))
     if grid:
-        ncols = args.ncols or math.ceil(math.sqrt(len(pixels)))
+        check_grid_size(len(tokens), ncols, *jet.config.image_size)
+    dtype = next(jet.parameters()).dtype
+    with torch.no_grad():
+        pixels = torch.cat(
+            [
+                to_uint8(jet.decode(part.to(device, dtype))).cpu()
+                for part in tokens.split(args.batch_size)
+            ]
+        )
+    if grid:
         print(f"decoded {len(pixels):,} images into the grid {save_grid(pixels, out, ncols)}")
         return
-    names = read_metadata(token_file).get("names")
-    index = saved.get("index", torch.arange(len(pixels))).tolist()
-    stems = [str(Path(n).with_suffix("")) for n in json.loads(names)] if names else None
-    files = save_images(pixels, out, stems or [f"{i:06d}" for i in index])
+    files = save_images(pixels, paths)
     print(f"decoded {len(files):,} images into {out}/ (one PNG per image)")
 
 
@@ -388,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--n", type=positive_int, default=64)
     sample.add_argument("--temperature", type=non_negative_float, default=1.0)
     sample.add_argument("--ncols", type=positive_int, default=None)
+    sample.add_argument(
+        "--batch-size", type=positive_int, default=256, help="images sampled at a time"
+    )
     sample.add_argument("--out", required=True, help="image file (.png, or .jpg: lossy)")
     sample.set_defaults(run=cmd_sample)
 
@@ -414,6 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("--tokens", required=True, help=".safetensors file with 'tokens'")
     decode.add_argument("--ncols", type=positive_int, default=None)
     decode.add_argument(
+        "--batch-size", type=positive_int, default=256, help="images decoded at a time"
+    )
+    decode.add_argument(
         "--out",
         required=True,
         help="a grid image file (.png, or .jpg: lossy), or a folder for one PNG per image "
@@ -423,25 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _number(kind: type, low: float, inclusive: bool):
-    """An argparse type: a finite ``kind`` above ``low`` (or equal, with ``inclusive``)."""
-    bound = f">= {low}" if inclusive else f"> {low}"
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number {bound}, got {text!r}") from None
-        if not math.isfinite(value) or value < low or (value == low and not inclusive):
-            raise argparse.ArgumentTypeError(f"expected a number {bound}, got {text!r}")
-        return value
-
-    return parse
-
-
-positive_int = _number(int, 1, inclusive=True)
-positive_float = _number(float, 0, inclusive=False)
-non_negative_float = _number(float, 0, inclusive=True)
+positive_int = POSITIVE_INT.parse
+positive_float = POSITIVE.parse
+non_negative_float = NON_NEGATIVE.parse
 
 
 def _data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -459,7 +465,7 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _runtime_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seed", type=int, default=0, help="seed of data order and noise")
+    parser.add_argument("--seed", type=SEED.parse, default=0, help="seed of data order and noise")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument(
         "--threads",

@@ -13,7 +13,8 @@ the sum over every non-batch element, shape ``[B]``, float32 (float64 for float6
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Iterable
+import functools
+from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -21,6 +22,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from jetblocks.memory import invertible_backprop
+from jetblocks.validation import Choice
 
 
 def logdet_dtype(x: Tensor) -> torch.dtype:
@@ -86,15 +88,15 @@ class Flow(nn.Module, abc.ABC):
         x = x.detach().requires_grad_()
         return Rebuilt((x,), _itself, *apply(x, context))
 
+    def leaves(self) -> list[Flow]:
+        """Flows whose composition, in order, is this flow: ``[self]`` for a single layer.
+        Composite flows list their parts' leaves, so that checkpointing and memory-saving
+        backprop treat every layer of a nested flow as a layer of their own."""
+        return [self]
+
 
 BACKPROP_MODES = ("standard", "checkpoint", "invertible")
-
-
-def check_backprop(backprop: str) -> str:
-    """Return ``backprop`` if it is one of :data:`BACKPROP_MODES`, else raise ``ValueError``."""
-    if backprop not in BACKPROP_MODES:
-        raise ValueError(f"unknown backprop {backprop!r}; expected one of {BACKPROP_MODES}")
-    return backprop
+BACKPROP = Choice(BACKPROP_MODES)
 
 
 class FlowSequence(Flow):
@@ -105,20 +107,34 @@ class FlowSequence(Flow):
     computed, all giving the same gradients up to rounding:
 
     - ``"standard"``: autograd stores every flow's activations;
-    - ``"checkpoint"``: each flow's activations are recomputed in the backward pass
-      (``torch.utils.checkpoint``), as the reference does per coupling; every flow's input
+    - ``"checkpoint"``: each layer's activations are recomputed in the backward pass
+      (``torch.utils.checkpoint``), as the reference does per coupling; every layer's input
       is still stored;
     - ``"invertible"``: only the final output is stored; the backward pass rebuilds each
-      flow's input from its output (:meth:`Flow.rebuild_input`, :mod:`jetblocks.memory`),
-      so activation memory does not grow with the number of flows.
+      layer's input from its output (:meth:`Flow.rebuild_input`, :mod:`jetblocks.memory`),
+      so activation memory does not grow with the number of layers.
 
-    Without gradients (``torch.no_grad()``) every mode is the plain loop.
+    The last two work layer by layer through nested flows (:meth:`Flow.leaves`: the layers
+    of sequences inside sequences, of ``Inverse`` and of ``FactorOut``), whatever mode
+    the nested sequences have. Without gradients (``torch.no_grad()``) every mode is the
+    plain loop.
     """
 
     def __init__(self, flows: Iterable[Flow], backprop: str = "standard") -> None:
         super().__init__()
         self.flows = nn.ModuleList(flows)
-        self.backprop = check_backprop(backprop)
+        self.backprop = backprop
+
+    @property
+    def backprop(self) -> str:
+        return self._backprop
+
+    @backprop.setter
+    def backprop(self, mode: str) -> None:
+        self._backprop = BACKPROP.check(mode, "FlowSequence: backprop")
+
+    def leaves(self) -> list[Flow]:
+        return [leaf for flow in self.flows for leaf in flow.leaves()]
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return self._compose(x, context, inverse=False)
@@ -127,30 +143,41 @@ class FlowSequence(Flow):
         return self._compose(y, context, inverse=True)
 
     def _compose(self, x: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
-        if self.backprop == "invertible":
-            return invertible_backprop(self._chain, self.flows, x, context, inverse=inverse)
-        return self._chain(x, context, inverse)
-
-    def _chain(self, x: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
-        """The plain loop: the flows in order, or their inverses in reverse order."""
-        checkpoint = self.backprop == "checkpoint" and torch.is_grad_enabled()
-        logdet = zero_logdet(x)
-        for flow in reversed(self.flows) if inverse else self.flows:
-            step = flow.inverse if inverse else flow
-            if checkpoint:
-                x, step_logdet = torch.utils.checkpoint.checkpoint(
-                    step, x, context, use_reentrant=False
-                )
-            else:
-                x, step_logdet = step(x, context)
-            logdet = logdet + step_logdet
-        return x, logdet
+        if self.backprop == "standard" or not torch.is_grad_enabled():
+            return _chain(self.flows, x, context, inverse)
+        layers = self.leaves()
+        if self.backprop == "checkpoint":
+            return _chain(layers, x, context, inverse, checkpoint=True)
+        chain = functools.partial(_chain, layers)
+        return invertible_backprop(chain, layers, x, context, inverse=inverse)
 
     def __len__(self) -> int:
         return len(self.flows)
 
     def __getitem__(self, index: int) -> Flow:
         return self.flows[index]
+
+
+def _chain(
+    flows: Sequence[Flow],
+    x: Tensor,
+    context: Tensor | None,
+    inverse: bool,
+    checkpoint: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """The plain loop: ``flows`` in order, or their inverses in reverse order; with
+    ``checkpoint`` each one's activations are recomputed in the backward pass."""
+    logdet = zero_logdet(x)
+    for flow in reversed(flows) if inverse else flows:
+        step = flow.inverse if inverse else flow
+        if checkpoint:
+            x, step_logdet = torch.utils.checkpoint.checkpoint(
+                step, x, context, use_reentrant=False
+            )
+        else:
+            x, step_logdet = step(x, context)
+        logdet = logdet + step_logdet
+    return x, logdet
 
 
 class Inverse(Flow):
@@ -165,3 +192,15 @@ class Inverse(Flow):
 
     def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return self.flow(y, context)
+
+    def rebuild_input(
+        self, y: Tensor, context: Tensor | None = None, inverse: bool = False
+    ) -> Rebuilt:
+        return self.flow.rebuild_input(y, context, inverse=not inverse)
+
+    def leaves(self) -> list[Flow]:
+        return [_inverted(leaf) for leaf in reversed(self.flow.leaves())]
+
+
+def _inverted(flow: Flow) -> Flow:
+    return flow.flow if isinstance(flow, Inverse) else Inverse(flow)

@@ -27,6 +27,15 @@ from torch import Tensor, nn
 from jetblocks import rng
 from jetblocks.likelihood import HALF_LOG_2PI
 from jetblocks.linear import linear
+from jetblocks.validation import (
+    GUIDANCE,
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    SAMPLER,
+    TEMPERATURE,
+    checked,
+)
 
 SCALE_FLOOR = 1e-6
 
@@ -75,6 +84,7 @@ class GaussianMixture:
         gather = index[..., None, None].expand(*index.shape, 1, self.means.shape[-1])
         return self.means.gather(-2, gather).squeeze(-2), self.scales.gather(-2, gather).squeeze(-2)
 
+    @checked(temperature=TEMPERATURE)
     def sample(
         self, temperature: float = 1.0, *, generator: torch.Generator | None = None
     ) -> Tensor:
@@ -93,6 +103,13 @@ class GMMHead(nn.Module):
     component starts as a unit Gaussian at a different place, so the symmetry is broken.
     """
 
+    @checked(
+        width=POSITIVE_INT,
+        num_mixtures=POSITIVE_INT,
+        dim=POSITIVE_INT,
+        scale_floor=POSITIVE,
+        mean_init_std=NON_NEGATIVE,
+    )
     def __init__(
         self,
         width: int,
@@ -136,12 +153,14 @@ class GMMHead(nn.Module):
         """``-log p(tokens | h)``, ``[...]``."""
         return -self.log_prob(h, tokens)
 
+    @checked(temperature=TEMPERATURE)
     def sample(
         self, h: Tensor, temperature: float = 1.0, *, generator: torch.Generator | None = None
     ) -> Tensor:
         """One token ``[..., d]`` per position of ``h``; ``temperature`` multiplies sigma."""
         return self(h).sample(temperature, generator=generator)
 
+    @checked(weight=GUIDANCE, temperature=TEMPERATURE)
     def sample_guided(
         self,
         h_cond: Tensor,
@@ -155,6 +174,7 @@ class GMMHead(nn.Module):
         return sample_guided(self(h_cond), self(h_uncond), weight, temperature, generator=generator)
 
 
+@checked(weight=GUIDANCE)
 def guided_gaussian(
     mu_c: Tensor, sigma_c: Tensor, mu_u: Tensor, sigma_u: Tensor, weight: float
 ) -> tuple[Tensor, Tensor]:
@@ -172,6 +192,7 @@ def guided_gaussian(
     return torch.where(ok, mean, mu_c), torch.where(ok, safe.rsqrt(), sigma_c)
 
 
+@checked(weight=GUIDANCE, max_draws=POSITIVE_INT)
 def rejection_guided(
     mu_c: Tensor,
     sigma_c: Tensor,
@@ -214,6 +235,7 @@ def rejection_guided(
     return torch.where(accepted.any(0), chosen, fallback)
 
 
+@checked(weight=GUIDANCE, temperature=TEMPERATURE, sampler=SAMPLER)
 def sample_guided(
     cond: GaussianMixture,
     uncond: GaussianMixture,
@@ -230,8 +252,6 @@ def sample_guided(
     guided Gaussian (:func:`guided_gaussian`); ``"rejection"`` is the reference's rejection
     sampler (:func:`rejection_guided`), with which the published (w, T) pairs were tuned.
     """
-    if sampler not in ("exact", "rejection"):
-        raise ValueError(f"sampler must be 'exact' or 'rejection', got {sampler!r}")
     if cond.means.shape != uncond.means.shape:
         raise ValueError(
             f"conditional and unconditional mixtures differ in shape: "

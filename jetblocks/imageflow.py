@@ -4,32 +4,23 @@ An :class:`ImageFlow` maps images ``[B, C, H, W]`` in ``[-1, 1]`` to latents of 
 ``[B, *latent_shape]`` with a standard-normal prior (``forward``/``inverse``, the raw
 bijection) and inherits the checked public entry points: ``encode``/``decode`` (lossless
 bin-centre entry for uint8 pixels), ``sample``, ``log_prob``, ``bits_per_dim``,
-``save_pretrained``/``from_pretrained``. A subclass sets ``config_class`` (a dataclass with
-``channels``, ``image_size``, ``to_dict``/``from_dict``) and ``latent_shape``.
+``save_pretrained``/``from_pretrained`` (:class:`~jetblocks.pretrained.Pretrained`). A
+subclass sets ``config_class`` (a :class:`~jetblocks.config.Config` with ``channels`` and
+``image_size``, and a ``model`` field naming the class in saved configs) and
+``latent_shape``.
 """
 
 from __future__ import annotations
 
 import abc
-import dataclasses
-import json
-import math
-import os
-from pathlib import Path
-from typing import Any, ClassVar
+import warnings
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from jetblocks import rng
-from jetblocks.checkpoint import (
-    CorruptCheckpointError,
-    check_config,
-    load_model_weights,
-    read_json,
-    resolve_checkpoint,
-    save_model,
-)
+from jetblocks.config import Config, PatchGrid
 from jetblocks.flow import Flow
 from jetblocks.likelihood import (
     PIXEL_BIN,
@@ -38,54 +29,12 @@ from jetblocks.likelihood import (
     dequantize,
     standard_normal_log_prob,
 )
+from jetblocks.pretrained import Pretrained
+from jetblocks.validation import COUNT, TEMPERATURE, checked
 
 
-class ConfigDict:
-    """Dict and JSON round trips of a config dataclass (unknown fields are refused), and the
-    token grid its ``image_size``, ``channels`` and ``patch_size`` give."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> Any:
-        unknown = set(values) - {field.name for field in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
-        return cls(**values)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> Any:
-        return cls.from_dict(json.loads(text))
-
-    # The patch grid of a config with ``image_size``, ``channels`` and ``patch_size``:
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        """The token grid ``(H/p, W/p)``."""
-        return self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size
-
-    @property
-    def num_tokens(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-    @property
-    def token_dim(self) -> int:
-        return self.patch_size**2 * self.channels
-
-    @property
-    def num_dims(self) -> int:
-        """``C * H * W``, the number of dims bits/dim is taken over."""
-        return self.channels * self.image_size[0] * self.image_size[1]
-
-
-class ImageFlow(Flow):
+class ImageFlow(Flow, Pretrained):
     """Base class of flows over images with a standard-normal prior (see the module doc)."""
-
-    config_class: ClassVar[type]
 
     @property
     @abc.abstractmethod
@@ -116,6 +65,7 @@ class ImageFlow(Flow):
         _check_finite(tokens, "tokens")
         return self.inverse(tokens, _checked_context(context))[0]
 
+    @checked(n=COUNT, temperature=TEMPERATURE)
     def sample(
         self,
         n: int,
@@ -125,16 +75,6 @@ class ImageFlow(Flow):
         generator: rng.Generator = None,
     ) -> Tensor:
         """``n`` images decoded from ``z ~ N(0, temperature^2 I)``."""
-        if not is_int(n) or n < 0:
-            raise ValueError(f"sample: n must be an int >= 0, got {n!r}")
-        if (
-            isinstance(temperature, bool)
-            or not isinstance(temperature, (int, float))
-            or not (0 <= temperature < math.inf)
-        ):
-            raise ValueError(
-                f"sample: temperature must be a finite number >= 0, got {temperature!r}"
-            )
         weight = next(self.parameters())
         z = rng.randn((n, *self.latent_shape), generator=generator, like=weight)
         return self.decode(temperature * z, context)
@@ -165,37 +105,10 @@ class ImageFlow(Flow):
         weights frozen as they are now (see :class:`FrozenFlow`)."""
         return FrozenFlow(self, backend=backend)
 
-    # -- checkpoints -------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` into ``directory``, atomically."""
-        return save_model(self, self.config.to_dict(), directory)
-
-    @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, config: Any = None) -> ImageFlow:
-        """A model from :meth:`save_pretrained`'s directory, a training checkpoint, or a
-        training run's directory (its newest checkpoint), on the CPU; move it afterwards.
-
-        With ``config`` given, the model is built from it (so runtime settings such as
-        ``attention_backend`` may differ from the saved ones) and a checkpoint made for
-        another architecture is refused with a message naming every mismatched field.
-        """
-        directory = resolve_checkpoint(directory)
-        if config is None:
-            saved = read_json(directory / "config.json")
-            try:
-                config = cls.config_class.from_dict(saved)
-            except (TypeError, ValueError) as error:
-                raise CorruptCheckpointError(
-                    f"{directory}/config.json is not a valid {cls.config_class.__name__}: {error}"
-                ) from None
-        check_config(config.to_dict(), directory)
-        model = cls(config)
-        load_model_weights(model, directory)
-        return model
-
     def _check(self, x: Tensor, what: str, event_shape: tuple[int, ...], layout: str) -> None:
-        """Refuse a tensor of the wrong rank, shape or dtype (metadata only: no device sync)."""
-        _check_shape(x, what, event_shape, layout)
+        """Refuse a tensor of the wrong rank, shape, device or dtype (metadata only: no
+        device sync)."""
+        self._check_placement(x, what, event_shape, layout)
         dtype = next(self.parameters()).dtype
         if not x.is_floating_point():
             raise ValueError(f"{what} must be a floating-point tensor, got {x.dtype}")
@@ -206,9 +119,22 @@ class ImageFlow(Flow):
                 f"{x.dtype}; convert the input (.to({dtype})) or the model (.to(dtype))"
             )
 
+    def _check_placement(
+        self, x: Tensor, what: str, event_shape: tuple[int, ...], layout: str
+    ) -> None:
+        """Refuse a tensor of the wrong rank or shape, or on another device than the weights."""
+        _check_shape(x, what, event_shape, layout)
+        device = next(self.parameters()).device
+        if x.device != device:
+            model = type(self).__name__
+            raise ValueError(
+                f"{what} are on {x.device} but this {model}'s weights are on {device}; move "
+                f"the input (.to({str(device)!r})) or the model"
+            )
+
     def _to_unit(self, images: Tensor, noise: bool, generator: rng.Generator) -> Tensor:
         cfg = self.config
-        _check_shape(images, "images", (cfg.channels, *cfg.image_size), "[B, C, H, W]")
+        self._check_placement(images, "images", (cfg.channels, *cfg.image_size), "[B, C, H, W]")
         dtype = next(self.parameters()).dtype
         if images.dtype == torch.uint8:
             if noise:
@@ -311,4 +237,20 @@ def _checked_context(context: Tensor | None) -> Tensor | None:
     return context
 
 
-__all__ = ["ConfigDict", "FrozenFlow", "ImageFlow", "is_int"]
+class _ConfigDict(Config, PatchGrid):
+    """What ``ConfigDict`` was: dict/JSON round trips and the patch grid."""
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ConfigDict":
+        warnings.warn(
+            "jetblocks.imageflow.ConfigDict is deprecated: derive a config from "
+            "jetblocks.config.Config (and PatchGrid for image_size, channels and patch_size)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return _ConfigDict
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["FrozenFlow", "ImageFlow", "is_int"]

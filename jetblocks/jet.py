@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from jetblocks.config import Config, PatchGrid, setting
 from jetblocks.couplings import (
     SPATIAL_PATTERNS,
     AffineCoupling,
@@ -24,10 +24,11 @@ from jetblocks.couplings import (
     SpatialSplit,
     spatial_halves,
 )
-from jetblocks.flow import FlowSequence, check_backprop
-from jetblocks.imageflow import ConfigDict, ImageFlow, is_int
+from jetblocks.flow import BACKPROP_MODES, FlowSequence
+from jetblocks.imageflow import ImageFlow, is_int
 from jetblocks.latents import patchify, unpatchify
-from jetblocks.vit import ViTConditioner, check_attention_backend
+from jetblocks.validation import POSITIVE, SEED, Choice, Items, Number
+from jetblocks.vit import ATTENTION_BACKENDS, ViTConditioner
 
 KINDS = ("channels", "spatial")
 CHANNEL_PATTERNS = ("random",)
@@ -56,54 +57,55 @@ PRESETS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
+MAX_TOKENS = 2**16  # a 256 x 256 grid: 1024 x 1024 images in 4 x 4 patches
+MAX_TOKEN_DIM = 2**16
+SIZE = Number(int, low=1, high=2**16)
+
+
 @dataclasses.dataclass(frozen=True)
-class JetConfig(ConfigDict):
+class JetConfig(Config, PatchGrid):
     """Everything that defines a Jet's architecture. Invalid combinations are refused."""
 
-    image_size: tuple[int, int] = (32, 32)
-    channels: int = 3
-    patch_size: int = 4
-    depth: int = 8
-    block_depth: int = 1
-    emb_dim: int = 64
-    num_heads: int = 4
-    kinds: tuple[str, ...] = ("channels", "channels", "spatial")
-    channel_patterns: tuple[str, ...] = ("random",)
-    spatial_patterns: tuple[str, ...] = ("checkerboard", "checkerboard-inv")
-    scale_factor: float = 2.0
-    seed: int = 0
-    context_dim: int | None = None
-    attention_backend: str = "auto"  # see jetblocks.vit: auto (fastest), sdpa, math, xformers
-    backprop: str = "standard"  # see jetblocks.flow.FlowSequence: standard, checkpoint, invertible
+    presets: ClassVar[dict[str, dict[str, Any]]] = PRESETS
+
+    image_size: tuple[int, int] = setting(
+        (32, 32), Items(SIZE, length=2), "image height and width (an int: square)"
+    )
+    channels: int = setting(3, Number(int, low=1, high=1024), "image channels")
+    patch_size: int = setting(4, Number(int, low=1, high=1024), "side of a token's patch")
+    depth: int = setting(8, Number(int, low=1, high=4096), "number of couplings")
+    block_depth: int = setting(1, Number(int, low=1, high=1024), "ViT blocks per coupling")
+    emb_dim: int = setting(64, SIZE, "ViT width")
+    num_heads: int = setting(4, SIZE, "attention heads")
+    kinds: tuple[str, ...] = setting(
+        ("channels", "channels", "spatial"),
+        Items(Choice(KINDS), min_length=1),
+        "coupling kinds, cycled over the layers",
+    )
+    channel_patterns: tuple[str, ...] = setting(("random",), Items(Choice(CHANNEL_PATTERNS)))
+    spatial_patterns: tuple[str, ...] = setting(
+        ("checkerboard", "checkerboard-inv"), Items(Choice(SPATIAL_PATTERNS))
+    )
+    scale_factor: float = setting(2.0, POSITIVE, "the coupling scale's bound")
+    seed: int = setting(0, SEED, "seed of the channel permutations")
+    context_dim: int | None = setting(
+        None, Number(int, low=1, high=2**16, optional=True), "width of a context to attend to"
+    )
+    attention_backend: str = setting(
+        "auto", Choice(ATTENTION_BACKENDS), "see jetblocks.vit", runtime=True
+    )
+    backprop: str = setting(
+        "standard", Choice(BACKPROP_MODES), "see jetblocks.flow.FlowSequence", runtime=True
+    )
+    model: str = setting("jet", Choice(("jet",)), "the model class a saved config names")
 
     def __post_init__(self) -> None:
-        size = self.image_size
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        for name, value in (
-            ("image_size", size),
-            ("kinds", self.kinds),
-            ("channel_patterns", self.channel_patterns),
-            ("spatial_patterns", self.spatial_patterns),
-        ):
-            object.__setattr__(self, name, tuple(value))
-        self._validate()
+        if is_int(self.image_size):
+            object.__setattr__(self, "image_size", (self.image_size, self.image_size))
+        super().__post_init__()
 
-    def _validate(self) -> None:
-        positive = ("channels", "patch_size", "depth", "block_depth", "emb_dim", "num_heads")
-        for name in positive:
-            value = getattr(self, name)
-            if not is_int(value) or value < 1:
-                raise ValueError(f"JetConfig.{name} must be a positive int, got {value!r}")
-        if len(self.image_size) != 2 or not all(is_int(s) and s >= 1 for s in self.image_size):
-            raise ValueError(
-                f"JetConfig.image_size must be (H, W) with positive ints, got {self.image_size}"
-            )
-        (height, width), p = self.image_size, self.patch_size
-        if height % p or width % p:
-            raise ValueError(
-                f"image_size {self.image_size} is not divisible by patch_size {p}; "
-                "change image_size or patch_size"
-            )
+    def validate(self) -> None:
+        self.check_patch_grid(MAX_TOKENS, MAX_TOKEN_DIM)
         if self.token_dim % 2:
             raise ValueError(
                 f"token dim D = patch_size^2 * channels = {self.token_dim} is odd, but couplings "
@@ -114,44 +116,14 @@ class JetConfig(ConfigDict):
                 f"emb_dim {self.emb_dim} is not divisible by num_heads {self.num_heads}; "
                 "change emb_dim or num_heads"
             )
-        if not self.kinds or set(self.kinds) - set(KINDS):
-            raise ValueError(
-                f"JetConfig.kinds must be a non-empty sequence of {KINDS}, got {self.kinds}"
-            )
-        for name, allowed in (
-            ("channel_patterns", CHANNEL_PATTERNS),
-            ("spatial_patterns", SPATIAL_PATTERNS),
-        ):
-            patterns = getattr(self, name)
-            if set(patterns) - set(allowed):
-                raise ValueError(f"JetConfig.{name} must be drawn from {allowed}, got {patterns}")
-        if "spatial" in self.kinds and not self.spatial_patterns:
-            raise ValueError("JetConfig.kinds has 'spatial' layers but spatial_patterns is empty")
-        if "channels" in self.kinds and not self.channel_patterns:
-            raise ValueError("JetConfig.kinds has 'channels' layers but channel_patterns is empty")
+        for kind, patterns in (("spatial", "spatial_patterns"), ("channels", "channel_patterns")):
+            if kind in self.kinds and not getattr(self, patterns):
+                raise ValueError(f"JetConfig.kinds has '{kind}' layers but {patterns} is empty")
         for pattern in self.spatial_patterns if "spatial" in self.kinds else ():
             try:
                 spatial_halves(pattern, self.grid)
             except ValueError as error:
                 raise ValueError(f"JetConfig: {error}") from None
-        scale = self.scale_factor
-        if (
-            isinstance(scale, bool)
-            or not isinstance(scale, (int, float))
-            or not (0 < scale < math.inf)
-        ):
-            raise ValueError(f"JetConfig.scale_factor must be positive and finite, got {scale!r}")
-        if not is_int(self.seed) or not 0 <= self.seed < 2**64:
-            raise ValueError(f"JetConfig.seed must be an int in [0, 2**64), got {self.seed!r}")
-        if self.context_dim is not None and (not is_int(self.context_dim) or self.context_dim < 1):
-            raise ValueError(
-                f"JetConfig.context_dim must be None or a positive int, got {self.context_dim!r}"
-            )
-        try:
-            check_attention_backend(self.attention_backend)
-            check_backprop(self.backprop)
-        except ValueError as error:
-            raise ValueError(f"JetConfig: {error}") from None
 
     def layer_plan(self) -> list[tuple[str, str]]:
         """``(kind, pattern)`` of every coupling, in order."""
@@ -161,13 +133,6 @@ class JetConfig(ConfigDict):
             "spatial": itertools.cycle(self.spatial_patterns),
         }
         return [(kind, next(patterns[kind])) for kind in itertools.islice(kinds, self.depth)]
-
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> JetConfig:
-        """A named configuration (``tiny``, ``mnist``, ``imagenet64``, ...), with overrides."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown JetConfig preset {name!r}; expected one of {list(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
 
 
 class Jet(ImageFlow):

@@ -21,15 +21,29 @@ from torch import Tensor
 
 from jetblocks import rng
 from jetblocks.likelihood import nats_to_bits_per_dim, pixels_to_unit, standard_normal_log_prob
+from jetblocks.validation import COUNT, NON_NEGATIVE, POSITIVE_INT, checked
 
 
+@checked(num_dims=POSITIVE_INT)
 def image_bits_per_dim(gmm_nll: Tensor, factored: Tensor, logdet: Tensor, num_dims: int) -> Tensor:
     """JetFormer's image NLL ``[B]`` in bits per pixel-dim (see the module docstring).
 
     ``gmm_nll``: the AR model's ``-log p`` (nats) of the kept dims, per token ``[B, N]`` or
     summed ``[B]``; ``factored``: the factored-out dims ``[B, N, D - keep]`` (may be empty);
-    ``logdet``: Jet's log-det ``[B]``; ``num_dims``: ``D_px = H*W*C``.
+    ``logdet``: Jet's log-det ``[B]``; ``num_dims``: ``D_px = H*W*C``. The three must agree
+    on the batch size ``B``.
     """
+    if logdet.dim() != 1 or gmm_nll.dim() < 1 or factored.dim() < 1:
+        raise ValueError(
+            f"image_bits_per_dim expects gmm_nll [B, N] or [B], factored [B, N, D - keep] and "
+            f"logdet [B], got {list(gmm_nll.shape)}, {list(factored.shape)}, "
+            f"{list(logdet.shape)}"
+        )
+    if not len(gmm_nll) == len(factored) == len(logdet):
+        raise ValueError(
+            f"image_bits_per_dim: batch sizes differ: gmm_nll {list(gmm_nll.shape)}, "
+            f"factored {list(factored.shape)}, logdet {list(logdet.shape)}"
+        )
     ar = gmm_nll.flatten(1).sum(1) if gmm_nll.dim() > 1 else gmm_nll
     prior = -standard_normal_log_prob(factored) if factored.numel() else torch.zeros_like(ar)
     return nats_to_bits_per_dim(ar.to(prior.dtype) + prior, logdet, num_dims)
@@ -45,14 +59,10 @@ class NoiseCurriculum:
     ``sigma_end = 0`` (class-conditional) or ``3`` (text-to-image). Evaluation uses none.
     """
 
+    @checked(sigma_start=NON_NEGATIVE, sigma_end=NON_NEGATIVE, total_steps=POSITIVE_INT)
     def __init__(
         self, sigma_start: float = 64.0, sigma_end: float = 0.0, total_steps: int = 1
     ) -> None:
-        if total_steps < 1 or sigma_start < 0 or sigma_end < 0:
-            raise ValueError(
-                f"NoiseCurriculum needs total_steps >= 1 and sigmas >= 0, got "
-                f"{total_steps}, {sigma_start}, {sigma_end}"
-            )
         self.sigma_start, self.sigma_end, self.total_steps = sigma_start, sigma_end, total_steps
 
     def sigma(self, step: int) -> float:
@@ -61,6 +71,7 @@ class NoiseCurriculum:
         cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
         return self.sigma_end + (self.sigma_start - self.sigma_end) * cosine
 
+    @checked(step=COUNT)
     def __call__(
         self,
         images: Tensor,

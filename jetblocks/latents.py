@@ -11,7 +11,10 @@ import einops
 import torch
 from torch import Tensor
 
+from jetblocks.validation import COUNT, POSITIVE_INT, checked
 
+
+@checked(patch_size=POSITIVE_INT)
 def patchify(images: Tensor, patch_size: int) -> Tensor:
     """``[B, C, H, W]`` -> ``[B, (H/p)(W/p), p*p*C]``."""
     return einops.rearrange(
@@ -19,6 +22,7 @@ def patchify(images: Tensor, patch_size: int) -> Tensor:
     )
 
 
+@checked(patch_size=POSITIVE_INT)
 def unpatchify(tokens: Tensor, patch_size: int, grid: tuple[int, int]) -> Tensor:
     """``[B, nh*nw, p*p*C]`` -> ``[B, C, nh*p, nw*p]``, the inverse of :func:`patchify`."""
     return einops.rearrange(
@@ -31,11 +35,14 @@ def unpatchify(tokens: Tensor, patch_size: int, grid: tuple[int, int]) -> Tensor
     )
 
 
+@checked(keep=COUNT)
 def split_tokens(tokens: Tensor, keep: int) -> tuple[Tensor, Tensor]:
     """Factor out: the first ``keep`` of every token's ``D`` dims, and the other ``D - keep``."""
     dim = tokens.shape[-1]
-    if not 0 <= keep <= dim:
-        raise ValueError(f"keep must be in [0, {dim}] for tokens with D={dim}, got {keep}")
+    if keep > dim:
+        raise ValueError(
+            f"split_tokens: keep must be in [0, {dim}] for tokens with D={dim}, got {keep}"
+        )
     return tokens[..., :keep], tokens[..., keep:]
 
 

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from jetblocks import rng
 from jetblocks.flow import logdet_dtype
+from jetblocks.validation import POSITIVE_INT, checked
 
 PIXEL_BIN = 1.0 / 127.5
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
@@ -74,6 +75,7 @@ def bits_per_dim(z: Tensor, logdet: Tensor) -> Tensor:
     return nats_to_bits_per_dim(-standard_normal_log_prob(z), logdet, z.shape[1:].numel())
 
 
+@checked(num_dims=POSITIVE_INT)
 def nats_to_bits_per_dim(latent_nll: Tensor, logdet: Tensor, num_dims: int) -> Tensor:
     """``(latent_nll - logdet + D ln 127.5) / (D ln 2)``: the pixels' bits per dimension
     ``[B]`` from the latents' NLL in nats and the flow's log-det (``D = num_dims`` pixels,

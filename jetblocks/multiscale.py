@@ -21,18 +21,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import einops
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from jetblocks.config import Config, PatchGrid, setting
 from jetblocks.couplings import AffineCoupling, ChannelSplit
-from jetblocks.flow import Flow, FlowSequence, Inverse, check_backprop, logdet_dtype
-from jetblocks.imageflow import ConfigDict, ImageFlow, is_int
+from jetblocks.flow import BACKPROP_MODES, Flow, FlowSequence, Rebuilt, logdet_dtype
+from jetblocks.imageflow import ImageFlow, is_int
+from jetblocks.jet import MAX_TOKEN_DIM, MAX_TOKENS, SIZE
 from jetblocks.latents import merge_tokens, patchify, split_tokens, unpatchify
 from jetblocks.likelihood import PIXEL_BIN
+from jetblocks.validation import POSITIVE, SEED, Choice, Items, Number
 
 
 class Logit(Flow):
@@ -108,12 +111,53 @@ class Repatchify(Flow):
         return f"grid={self.grid}, dim={self.dim}, factor={self.factor}"
 
 
+class Conjugate(Flow):
+    """``layout^-1(flow(layout(x)))``: ``flow`` run on a rearrangement of the tokens.
+
+    ``layout`` is a volume-preserving flow without parameters (a :class:`Repatchify`), so
+    the log-det is ``flow``'s. Its layers (:meth:`leaves`) are ``flow``'s, each conjugated
+    the same way: memory-saving backprop walks them one by one.
+    """
+
+    def __init__(self, layout: Flow, flow: Flow) -> None:
+        super().__init__()
+        self.layout, self.flow = layout, flow
+
+    def _there(self, x: Tensor) -> Tensor:
+        return self.layout(x)[0]
+
+    def _back(self, y: Tensor) -> Tensor:
+        return self.layout.inverse(y)[0]
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        y, logdet = self.flow(self._there(x), context)
+        return self._back(y), logdet
+
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        x, logdet = self.flow.inverse(self._there(y), context)
+        return self._back(x), logdet
+
+    def rebuild_input(
+        self, y: Tensor, context: Tensor | None = None, inverse: bool = False
+    ) -> Rebuilt:
+        inner = self.flow.rebuild_input(self._there(y), context, inverse)
+
+        def join(*parts: Tensor) -> Tensor:
+            return self._back(inner.join(*parts))
+
+        return Rebuilt(inner.parts, join, self._back(inner.output), inner.logdet)
+
+    def leaves(self) -> list[Flow]:
+        return [Conjugate(self.layout, leaf) for leaf in self.flow.leaves()]
+
+
 class FactorOut(Flow):
     """``flow`` on the first ``keep`` dims of every token; the rest pass unchanged.
 
     The passed dims leave the flow here: nothing after this block transforms them, so their
     log-density is the prior's (a standard normal on the output, as for every output dim).
-    ``flow`` maps ``[B, N, keep]`` to the same shape (it may change shape inside).
+    ``flow`` maps ``[B, N, keep]`` to the same shape, and so does each of its layers
+    (:meth:`Flow.leaves`; a change of layout inside goes in a :class:`Conjugate`).
     """
 
     def __init__(self, flow: Flow, keep: int) -> None:
@@ -129,6 +173,22 @@ class FactorOut(Flow):
         kept, rest = split_tokens(y, self.keep)
         x, logdet = self.flow.inverse(kept, context)
         return merge_tokens(x, rest), logdet
+
+    def rebuild_input(
+        self, y: Tensor, context: Tensor | None = None, inverse: bool = False
+    ) -> Rebuilt:
+        """The inner flow's rebuild on the kept dims; the passed dims are a part of their own."""
+        kept, rest = split_tokens(y, self.keep)
+        inner = self.flow.rebuild_input(kept, context, inverse)
+        rest = rest.detach().requires_grad_()
+
+        def join(*parts: Tensor) -> Tensor:
+            return merge_tokens(inner.join(*parts[:-1]), parts[-1])
+
+        return Rebuilt((*inner.parts, rest), join, merge_tokens(inner.output, rest), inner.logdet)
+
+    def leaves(self) -> list[Flow]:
+        return [FactorOut(leaf, self.keep) for leaf in self.flow.leaves()]
 
     def extra_repr(self) -> str:
         return f"keep={self.keep}"
@@ -173,48 +233,50 @@ def _check_grid_tokens(x: Tensor, grid: tuple[int, int], dim: int, who: str) -> 
         )
 
 
+MULTISCALE_PRESETS: dict[str, dict[str, Any]] = {
+    # 28x28 grayscale: 14x14x4 -> 7x7x8 -> 7x7x4 tokens over three scales.
+    "mnist-multiscale": dict(image_size=(28, 28), channels=1, patch_size=2, scales=3),
+    # 32x32 RGB: 16x16x12 -> 8x8x24 -> 4x4x48.
+    "photo-multiscale": dict(image_size=(32, 32), channels=3, patch_size=2, scales=3),
+}
+
+
 @dataclasses.dataclass(frozen=True)
-class MultiScaleConfig(ConfigDict):
+class MultiScaleConfig(Config, PatchGrid):
     """A multi-scale flow: patchify, logit, then ``scales`` stages of couplings where each
     stage but the last factors out half of every token's dims and repatchifies the rest to
     half the resolution (when the grid is even)."""
 
-    image_size: tuple[int, int] = (28, 28)
-    channels: int = 1
-    patch_size: int = 2
-    scales: int = 3
-    couplings_per_scale: int = 4
-    width: int = 64
-    blocks: int = 1
-    scale_factor: float = 2.0
-    logit_alpha: float = 1e-3
-    seed: int = 0
-    backprop: str = "standard"  # see jetblocks.flow.FlowSequence
-    model: str = "multiscale"  # names the model class in a saved config.json
+    presets: ClassVar[dict[str, dict[str, Any]]] = MULTISCALE_PRESETS
+
+    image_size: tuple[int, int] = setting(
+        (28, 28), Items(SIZE, length=2), "image height and width (an int: square)"
+    )
+    channels: int = setting(1, Number(int, low=1, high=1024), "image channels")
+    patch_size: int = setting(2, Number(int, low=1, high=1024), "side of a token's patch")
+    scales: int = setting(3, Number(int, low=1, high=32), "number of scales")
+    couplings_per_scale: int = setting(4, Number(int, low=1, high=1024), "couplings per scale")
+    width: int = setting(64, SIZE, "channels of the conv conditioners")
+    blocks: int = setting(1, Number(int, low=0, high=1024), "residual blocks per conditioner")
+    scale_factor: float = setting(2.0, POSITIVE, "the coupling scale's bound")
+    logit_alpha: float = setting(1e-3, Number(float, low=0, high=0.5, open_low=True))
+    seed: int = setting(0, SEED, "seed of the channel permutations")
+    backprop: str = setting(
+        "standard", Choice(BACKPROP_MODES), "see jetblocks.flow.FlowSequence", runtime=True
+    )
+    model: str = setting(
+        "multiscale", Choice(("multiscale",)), "the model class a saved config names"
+    )
 
     def __post_init__(self) -> None:
-        size = self.image_size
-        object.__setattr__(self, "image_size", (size, size) if is_int(size) else tuple(size))
-        for name in ("channels", "patch_size", "scales", "couplings_per_scale", "width"):
-            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
-                raise ValueError(
-                    f"MultiScaleConfig.{name} must be a positive int, got {getattr(self, name)!r}"
-                )
-        if not is_int(self.blocks) or self.blocks < 0:
-            raise ValueError(f"MultiScaleConfig.blocks must be an int >= 0, got {self.blocks!r}")
-        if len(self.image_size) != 2 or any(s % self.patch_size for s in self.image_size):
-            raise ValueError(
-                f"MultiScaleConfig: image_size {self.image_size} must be (H, W), "
-                f"divisible by patch_size {self.patch_size}"
-            )
-        if not 0 < self.scale_factor < math.inf:
-            raise ValueError(
-                f"MultiScaleConfig.scale_factor must be positive and finite, got "
-                f"{self.scale_factor}"
-            )
-        if self.model != "multiscale":
-            raise ValueError(f"MultiScaleConfig.model must be 'multiscale', got {self.model!r}")
-        check_backprop(self.backprop)
+        if is_int(self.image_size):
+            object.__setattr__(self, "image_size", (self.image_size, self.image_size))
+        super().__post_init__()
+
+    def validate(self) -> None:
+        self.check_patch_grid(MAX_TOKENS, MAX_TOKEN_DIM)
+        if self.logit_alpha == 0.5:
+            raise ValueError("MultiScaleConfig.logit_alpha must be below 0.5, got 0.5")
         dim = self.token_dim
         for scale in range(self.scales):
             if dim % 2 or (scale < self.scales - 1 and dim < 2):
@@ -237,23 +299,6 @@ class MultiScaleConfig(ConfigDict):
                 h, w = h // 2, w // 2
         return h, w
 
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> MultiScaleConfig:
-        if name not in MULTISCALE_PRESETS:
-            raise ValueError(
-                f"unknown MultiScaleConfig preset {name!r}; expected one of "
-                f"{list(MULTISCALE_PRESETS)}"
-            )
-        return cls(**{**MULTISCALE_PRESETS[name], **overrides})
-
-
-MULTISCALE_PRESETS: dict[str, dict[str, Any]] = {
-    # 28x28 grayscale: 14x14x4 -> 7x7x8 -> 7x7x4 tokens over three scales.
-    "mnist-multiscale": dict(image_size=(28, 28), channels=1, patch_size=2, scales=3),
-    # 32x32 RGB: 16x16x12 -> 8x8x24 -> 4x4x48.
-    "photo-multiscale": dict(image_size=(32, 32), channels=3, patch_size=2, scales=3),
-}
-
 
 class MultiScaleFlow(ImageFlow):
     """Images -> tokens ``[B, N, D]`` (``N``, ``D`` of the first scale) through
@@ -267,7 +312,7 @@ class MultiScaleFlow(ImageFlow):
         self.config = config
         count = config.scales * config.couplings_per_scale
         generator = torch.Generator().manual_seed(config.seed)
-        seeds = iter(torch.randint(2**62, (count,), generator=generator).tolist())
+        seeds = iter(torch.randint(2**62, (count,), generator=generator, device="cpu").tolist())
         scales = self._scale(0, config.token_dim, seeds)
         self.flow = FlowSequence([Logit(config.logit_alpha), scales], backprop=config.backprop)
 
@@ -286,8 +331,7 @@ class MultiScaleFlow(ImageFlow):
             keep = dim // 2
             if cfg._halves(scale):
                 squeeze = Repatchify(grid, keep)
-                later = self._scale(scale + 1, 4 * keep, seeds)
-                inner = FlowSequence([squeeze, later, Inverse(squeeze)])
+                inner = Conjugate(squeeze, self._scale(scale + 1, 4 * keep, seeds))
             else:
                 inner = self._scale(scale + 1, keep, seeds)
             couplings.append(FactorOut(inner, keep))
@@ -312,6 +356,7 @@ class MultiScaleFlow(ImageFlow):
 
 __all__ = [
     "MULTISCALE_PRESETS",
+    "Conjugate",
     "ConvConditioner",
     "FactorOut",
     "Logit",

@@ -72,6 +72,12 @@ def randn(shape: Any, *, generator: Generator = None, like: Tensor) -> Tensor:
 
 
 def _draw(kind: str, shape: tuple[int, ...], generator: Generator, device: torch.device):
+    if generator is not None and not isinstance(generator, (torch.Generator, ShardedGenerator)):
+        raise TypeError(
+            "generator must be None, a torch.Generator or a jetblocks ShardedGenerator, got "
+            f"{generator!r} ({type(generator).__name__}); seed one with "
+            "torch.Generator().manual_seed(seed)"
+        )
     if isinstance(generator, ShardedGenerator):
         return getattr(generator, kind)(shape).to(device)
     source = generator.device if generator is not None else device

@@ -42,11 +42,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .linear import Linear
+from .validation import Choice
 
 LAYER_NORM_EPS = 1e-6
 # Flax truncates its normal initialisers at 2 std and rescales so the variance is kept.
 _TRUNCATED_NORMAL_STD = 0.87962566103423978
 ATTENTION_BACKENDS = ("sdpa", "math", "xformers", "auto")
+ATTENTION_BACKEND = Choice(ATTENTION_BACKENDS)
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -82,15 +84,6 @@ def xformers_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # xformers wants [B, N, H, d]
     return memory_efficient_attention(q, k, v).transpose(1, 2)
-
-
-def check_attention_backend(backend: str) -> str:
-    """Return ``backend`` if it is one of :data:`ATTENTION_BACKENDS`, else raise ``ValueError``."""
-    if backend not in ATTENTION_BACKENDS:
-        raise ValueError(
-            f"unknown attention_backend {backend!r}; expected one of {ATTENTION_BACKENDS}"
-        )
-    return backend
 
 
 # x * sigmoid(x * (a + b x^2)) is tanh-GELU: (1 + tanh(u)) / 2 = sigmoid(2u), with
@@ -188,7 +181,8 @@ class Attention(nn.Module):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"emb_dim {dim} must be divisible by num_heads {num_heads}")
-        self.num_heads, self.backend = num_heads, check_attention_backend(backend)
+        self.num_heads = num_heads
+        self.backend = ATTENTION_BACKEND.check(backend, "Attention: backend")
         self._xformers = backend in ("xformers", "auto") and xformers_available()
         if backend == "xformers" and not self._xformers:
             raise ImportError(

@@ -94,7 +94,7 @@ def test_input_noise_has_a_uniform_per_example_std_up_to_the_maximum():
     assert abs(stds.mean().item() - 0.15) < 0.005  # U[0, 0.3]: mean 0.15
     assert abs((stds < 0.15).float().mean().item() - 0.5) < 0.03  # and median 0.15
     assert torch.equal(add_input_noise(tokens, 0.0), tokens)
-    with pytest.raises(ValueError, match="max_std must be >= 0"):
+    with pytest.raises(ValueError, match="max_std must be a finite number >= 0"):
         add_input_noise(tokens, -0.1)
 
 
@@ -138,7 +138,7 @@ def test_sampling_follows_the_head_token_by_token():
 def test_generate_and_sampler_errors_name_what_is_missing():
     decoder, head, embed = perturbed_parts()
     with pytest.raises(TypeError, match="has no new_cache"):
-        generate(lambda x: x, torch.randn(1, 2, 8), 3, lambda h: (h, h))
+        generate(lambda x: x, torch.randn(1, 2, 8), 3, lambda h: (h, h), use_cache=True)
     with pytest.raises(ValueError, match="needs uncond_prefix"):
         sample_soft_tokens(decoder, head, embed, torch.randn(1, 2, 8), 3, guidance=2.0)
     cache = KVCache(1, 2)

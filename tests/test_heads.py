@@ -240,5 +240,5 @@ def test_sample_guided_rejection_uses_the_conditional_component_and_temperature(
     mean, std = rejection_target_moments(10.0, 0.9, 9.0, 1.08, w)
     assert abs(samples.mean().item() - mean) < 4 * std / math.sqrt(n)
     assert samples.std().item() == pytest.approx(std, rel=0.03)
-    with pytest.raises(ValueError, match="sampler must be 'exact' or 'rejection'"):
+    with pytest.raises(ValueError, match="sampler must be one of 'exact', 'rejection'"):
         sample_guided(cond, uncond, w, sampler="gibbs")

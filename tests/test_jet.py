@@ -187,11 +187,11 @@ def test_config_json_round_trip():
         ),
         (dict(image_size=(30, 32)), r"image_size \(30, 32\) is not divisible by patch_size 4"),
         (dict(emb_dim=30, num_heads=4), "emb_dim 30 is not divisible by num_heads 4"),
-        (dict(kinds=("channel",)), "kinds must be"),
-        (dict(spatial_patterns=("diagonal",)), "spatial_patterns must be drawn from"),
+        (dict(kinds=("channel",)), r"kinds\[0\] must be one of 'channels', 'spatial'"),
+        (dict(spatial_patterns=("diagonal",)), r"spatial_patterns\[0\] must be one of"),
         (dict(spatial_patterns=()), "spatial_patterns is empty"),
-        (dict(depth=0), "depth must be a positive int"),
-        (dict(scale_factor=0.0), "scale_factor must be positive"),
+        (dict(depth=0), r"depth must be an int in \[1, 4096\], got 0"),
+        (dict(scale_factor=0.0), "scale_factor must be a finite number > 0"),
     ],
 )
 def test_invalid_configs_are_refused_naming_the_field(overrides, message):
@@ -320,12 +320,19 @@ def test_save_and_load_pretrained_round_trip_exactly(tmp_path):
 def test_broken_pretrained_directories_are_refused(tmp_path):
     from jetblocks.checkpoint import CheckpointError
 
-    Jet(JetConfig(**SMALL)).save_pretrained(tmp_path / "jet")
+    from jetblocks.checkpoint import write_model_files
+
+    jet = Jet(JetConfig(**SMALL))
+    jet.save_pretrained(tmp_path / "jet")
     (tmp_path / "jet" / "config.json").write_text('{"depth": 0}')
-    with pytest.raises(CheckpointError, match="config.json is not a valid JetConfig"):
+    with pytest.raises(CheckpointError, match="config.json does not match the configuration"):
         Jet.from_pretrained(tmp_path / "jet")
+    invalid = {**jet.config.to_dict(), "depth": 0}  # the weights' copy says the same
+    write_model_files(tmp_path / "invalid", jet.state_dict(), invalid)
+    with pytest.raises(CheckpointError, match="config.json is not a valid JetConfig.*depth"):
+        Jet.from_pretrained(tmp_path / "invalid")
     (tmp_path / "jet" / "config.json").write_text("{")
-    with pytest.raises(CheckpointError, match="config.json is corrupt"):
+    with pytest.raises(CheckpointError, match="config.json is not valid JSON"):
         Jet.from_pretrained(tmp_path / "jet")
     with pytest.raises(CheckpointError, match="is missing"):
         Jet.from_pretrained(tmp_path / "nothing")

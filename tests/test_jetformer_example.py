@@ -69,7 +69,11 @@ def test_kv_cache_sampling_gives_the_tokens_of_full_recomputation(guidance, lear
         for use_cache in (True, False)
     ]
     assert tokens[0].shape == (3, 16, 2)
-    torch.testing.assert_close(tokens[0], tokens[1], atol=1e-5, rtol=1e-5)
+    # Guidance divides by (1 + w) / sigma_c^2 - w / sigma_u^2, which can nearly cancel: the
+    # float32 rounding of the two paths' hidden states (1e-6) then grows to 1e-4 relative
+    # in a few tokens of magnitude ~1e3 (seen on AVX2 CPUs).
+    rtol = 1e-5 if guidance == 0 else 1e-3
+    torch.testing.assert_close(tokens[0], tokens[1], atol=1e-5, rtol=rtol)
 
 
 def test_learned_positions_embed_each_position_id_and_start_at_zero():

@@ -229,11 +229,11 @@ def test_written_files_honour_the_umask(tmp_path, config_file):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (dict(image_size=(8, 8, 8)), r"image_size must be \(H, W\)"),
-        (dict(depth=True), "depth must be a positive int, got True"),
-        (dict(seed=2**70), r"seed must be an int in \[0, 2\*\*64\)"),
-        (dict(scale_factor=math.inf), "scale_factor must be positive and finite"),
-        (dict(scale_factor=math.nan), "scale_factor must be positive and finite"),
+        (dict(image_size=(8, 8, 8)), "image_size must be a sequence of 2 items"),
+        (dict(depth=True), r"depth must be an int in \[1, 4096\], got True"),
+        (dict(seed=2**70), r"seed must be an int in \[0, 2\*\*64 - 1\]"),
+        (dict(scale_factor=math.inf), "scale_factor must be a finite number > 0"),
+        (dict(scale_factor=math.nan), "scale_factor must be a finite number > 0"),
     ],
 )
 def test_more_invalid_configs_are_refused(overrides, message):
@@ -301,9 +301,12 @@ def run(tmp_path, config_file):
         (["sample", "--device", "cuda:7"], "--device cuda:7 is not available"),
         (["sample", "--out", "{tmp}"], "is a directory"),
         (["sample", "--out", "{tmp}/x.gif"], "must end in .png or .jpg or .jpeg"),
-        (["sample", "--n", "0"], "argument --n: expected a number >= 1, got '0'"),
-        (["sample", "--temperature", "nan"], "argument --temperature: expected a number >= 0"),
-        (["encode", "--limit", "-1"], "argument --limit: expected a number >= 1, got '-1'"),
+        (["sample", "--n", "0"], "argument --n: expected an int >= 1, got '0'"),
+        (
+            ["sample", "--temperature", "nan"],
+            "argument --temperature: expected a finite number >= 0",
+        ),
+        (["encode", "--limit", "-1"], "argument --limit: expected an int >= 1, got '-1'"),
         (["encode", "--out", "{tmp}/tokens.png"], "must end in .safetensors"),
     ],
 )
@@ -481,7 +484,7 @@ def test_a_config_file_that_is_not_json_is_named(tmp_path, capsys):
     (tmp_path / "jet.yaml").write_text("depth: 4\n")
     assert main(["train", "--config", str(tmp_path / "jet.yaml"), *TRAIN, "--out",
                  str(tmp_path / "run")]) == 2  # fmt: skip
-    assert f"--config {tmp_path / 'jet.yaml'} is not a model config JSON file" in error_line(capsys)
+    assert f"--config {tmp_path / 'jet.yaml'} is not valid JSON" in error_line(capsys)
 
 
 def test_the_adversarial_catalogue_runs_in_smoke_mode(tmp_path):
