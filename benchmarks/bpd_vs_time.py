@@ -29,11 +29,11 @@ import torch
 from throughput import parse_args, write_report
 
 from jetblocks import JetConfig, to_uint8
-from jetblocks.cli import model_class
 from jetblocks.integrations.images import save_grid
 from jetblocks.integrations.torchdata import image_loader, open_source
 from jetblocks.multiscale import MULTISCALE_PRESETS, MultiScaleConfig
-from jetblocks.train import JetTask, TrainConfig, Trainer, warmup_cosine
+from jetblocks.pretrained import model_class
+from jetblocks.train import BitsPerDimTask, TrainConfig, Trainer, reference_schedule, warmup_cosine
 
 RESOLUTION = 1_000_000  # schedule steps per budget
 
@@ -48,14 +48,18 @@ def preset_config(args: argparse.Namespace) -> JetConfig | MultiScaleConfig:
 
 
 def mnist_trainer(
-    model_config: JetConfig | MultiScaleConfig, config: TrainConfig, out_dir: str, data="mnist5k"
+    model_config: JetConfig | MultiScaleConfig,
+    config: TrainConfig,
+    out_dir: str,
+    data="mnist5k",
+    schedule=reference_schedule,
 ) -> Trainer:
     """A seeded trainer on ``data`` (mnist5k: 4,500 digits, evaluated on the other 500)."""
     torch.manual_seed(0)
     train, test = open_source(data, "train"), open_source(data, "test")
     return Trainer(
         model_class(model_config.to_dict())(model_config),
-        JetTask(),
+        BitsPerDimTask(),
         config,
         model_config=model_config.to_dict(),
         train_loader=image_loader(train, config.batch_size, seed=0),
@@ -63,6 +67,7 @@ def mnist_trainer(
             test, 250, seed=0, shuffle=False, drop_last=False, epochs=1
         ),
         out_dir=out_dir,
+        schedule=schedule,
     )
 
 
@@ -90,11 +95,14 @@ def main() -> None:
         compile=args.compile,
         progress=False,
     )
+    trained = 0.0  # seconds of training so far: the schedule runs on time, not steps
+
+    def by_time(config: TrainConfig):
+        factor = warmup_cosine(RESOLUTION, config.warmup_fraction)
+        return lambda _: factor(int(RESOLUTION * trained / budgets[-1]))
+
     with tempfile.TemporaryDirectory() as out_dir:
-        trainer = mnist_trainer(preset_config(args), config, out_dir, args.data)
-        trained = 0.0
-        by_time = warmup_cosine(RESOLUTION, config.warmup_fraction)
-        trainer.scheduler.lr_lambdas[0] = lambda _: by_time(int(RESOLUTION * trained / budgets[-1]))
+        trainer = mnist_trainer(preset_config(args), config, out_dir, args.data, by_time)
         batches, results = iter(trainer.train_loader), []
         initial = trainer.evaluate()["bits_per_dim"]
         for budget in budgets:

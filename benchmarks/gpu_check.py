@@ -64,7 +64,7 @@ from throughput import (
 from examples.jetformer.model import JetFormer
 from examples.jetformer.presets import preset
 from examples.jetformer.run import RunData
-from examples.jetformer.task import JetFormerTask, TaskConfig
+from examples.jetformer.task import JetFormerTask, TaskConfig, jetformer_optimizer
 from jetblocks.integrations.distributed import Distributed
 from jetblocks.train import TrainConfig, Trainer
 from jetblocks.vit import xformers_available
@@ -225,6 +225,7 @@ def jetformer(args: argparse.Namespace, peak: float, budget: Budget) -> dict:
             eval_batches=None,
             out_dir=out_dir,
             env=env,
+            optimizer=jetformer_optimizer,
         )
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()

@@ -71,10 +71,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from jetblocks import Jet, JetConfig
 from jetblocks.checkpoint import atomic_file
 from jetblocks.jet import PRESETS
-from jetblocks.multiscale import MULTISCALE_PRESETS, MultiScaleConfig
-from jetblocks.pretrained import model_class
 from jetblocks.likelihood import bits_per_dim
 from jetblocks.linear import onednn_linear
+from jetblocks.multiscale import MULTISCALE_PRESETS, MultiScaleConfig
+from jetblocks.pretrained import model_class
 from jetblocks.testing import perturb_parameters_
 from jetblocks.train import TrainConfig, reference_optimizer
 
@@ -261,7 +261,7 @@ def setup(
     """
     torch.manual_seed(0)
     jet = perturb_parameters_(model_class(config.to_dict())(config), scale=0.02).to(device)
-    optimizer = reference_optimizer(jet.parameters(), TrainConfig())
+    optimizer = reference_optimizer(jet, TrainConfig())
     if optimizer_impl != "default":
         hyper = {k: optimizer.defaults[k] for k in ("lr", "betas", "eps", "weight_decay")}
         optimizer = torch.optim.AdamW(jet.parameters(), **hyper, **{optimizer_impl: True})

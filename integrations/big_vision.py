@@ -69,8 +69,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import zipfile
-import zlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -78,8 +76,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from jetblocks.checkpoint import CheckpointError
+from jetblocks.checkpoint import CheckpointError, atomic_file
 from jetblocks.couplings import SPATIAL_PATTERNS, ChannelSplit, spatial_halves
+from jetblocks.integrations.datasets import read_npz
 from jetblocks.jet import Jet, JetConfig
 from jetblocks.vit import fuse_projections, unfuse_projections
 
@@ -202,6 +201,11 @@ def save_jet(jet: Jet, path: PathLike) -> None:
     into a model built with :func:`big_vision_model_kwargs`. big_vision decides the format by
     the name, so ``path`` must end in ``.npz``; the reference only handles square images.
     """
+    if not isinstance(jet, Jet):
+        raise TypeError(
+            f"only a Jet can be exported to big_vision (it has no other flow), got "
+            f"{type(jet).__name__}"
+        )
     if not os.fspath(path).endswith(".npz"):
         raise ValueError(f"path must end in .npz (big_vision picks its reader by name), got {path}")
     nh, nw = jet.config.grid
@@ -210,8 +214,9 @@ def save_jet(jet: Jet, path: PathLike) -> None:
             f"big_vision's Jet assumes a square token grid, but this Jet's grid is {nh}x{nw} "
             f"(image_size {jet.config.image_size}); it could not run these weights"
         )
-    with open(path, "wb") as file:
-        np.savez(file, **jet_to_arrays(jet))
+    arrays = jet_to_arrays(jet)
+    with atomic_file(path) as staging, open(staging, "wb") as file:
+        np.savez(file, **arrays)
 
 
 # -- big_vision -> jetblocks -------------------------------------------------------------------
@@ -222,21 +227,11 @@ def read_arrays(path: PathLike) -> dict[str, np.ndarray]:
     :class:`~jetblocks.checkpoint.CheckpointError` naming it.
     """
     if os.path.isdir(path):
-        raise ValueError(
+        raise CheckpointError(
             f"{path} is a folder (a tensorstore checkpoint?); only .npz files are read: export "
             "the params with big_vision's tree_flatten_with_names and np.savez"
         )
-    try:
-        loaded = np.load(path, allow_pickle=False)
-        if isinstance(loaded, np.lib.npyio.NpzFile):
-            with loaded:
-                return {name: loaded[name] for name in loaded.files}
-    except (ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
-        raise CheckpointError(
-            f"{path} is not a readable .npz of plain arrays (the zip of .npy files that "
-            f"np.savez writes): {error}"
-        ) from error
-    raise ValueError(f"{path} holds a single array, not a big_vision checkpoint")
+    return read_npz(path, error=CheckpointError)
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

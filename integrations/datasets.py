@@ -9,9 +9,14 @@ naming the file or folder at fault.
 from __future__ import annotations
 
 import contextlib
+import io
+import math
 import os
 import pickle
+import pickletools
+import warnings
 import zipfile
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import ClassVar, Protocol
@@ -128,14 +133,30 @@ def load_batch(source: ImageSource, indices: Sequence[int]) -> dict[str, Tensor]
 @contextlib.contextmanager
 def _open_image(path: Path) -> Iterator:
     """Pillow's image of ``path``; failing to read or decode it (also within the ``with``
-    block) raises :class:`DataError` naming the file."""
+    block) raises :class:`DataError` naming the file, as does an image of more than
+    Pillow's ``Image.MAX_IMAGE_PIXELS`` (a decompression bomb: refused before decoding).
+
+    Pillow's format plugins raise many kinds of exception on malformed files (``OSError``,
+    ``SyntaxError``, ``struct.error``, ``IndexError``, ...): every one becomes a DataError.
+    """
     from PIL import Image
 
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(path)
+        with opened as image:
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit is not None and image.width * image.height > limit:
+                raise DataError(
+                    f"image {path} has {image.width}x{image.height} pixels, more than "
+                    f"PIL.Image.MAX_IMAGE_PIXELS ({limit:,}); refused as a decompression bomb"
+                )
             yield image
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise DataError(f"cannot read image {path}: {error}") from error
+    except DataError:
+        raise
+    except Exception as error:  # any decoder failure is a bad file
+        raise DataError(f"cannot read image {path}: {type(error).__name__}: {error}") from None
 
 
 def _check_decodes(path: Path) -> None:
@@ -273,6 +294,68 @@ def _square_side(path: Path, pixels: int) -> int:
     return side
 
 
+MAX_DEFLATE_RATIO = 1100  # deflate cannot expand data by more than about 1032 times
+
+
+def read_npz(path: str | os.PathLike, error: type[ValueError] = DataError) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` file (a zip of ``.npy`` files), by name.
+
+    Nothing is unpickled (object arrays are refused), and nothing is allocated before it is
+    checked against the file: each array's header must account for exactly the bytes its
+    zip member holds, and a member may not claim more than deflate can expand its stored
+    bytes to, so a hostile header cannot make a small file allocate a large array. Any
+    problem raises ``error`` naming the file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise error(f"{path} is a folder, not an .npz file")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for member in archive.infolist():
+                _check_npy_member(archive, member)
+            with np.load(path, allow_pickle=False) as loaded:
+                return {name: loaded[name] for name in loaded.files}
+    except error:
+        raise
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, EOFError, RuntimeError, NotImplementedError, MemoryError,
+            zipfile.BadZipFile, zlib.error) as problem:  # fmt: skip
+        raise error(
+            f"{path} is not a readable .npz of plain arrays (the zip of .npy files that "
+            f"np.savez writes): {type(problem).__name__}: {problem}"
+        ) from None
+
+
+def _check_npy_member(archive: zipfile.ZipFile, member: zipfile.ZipInfo) -> None:
+    """Raise ``ValueError`` unless ``member`` is an ``.npy`` whose header fits its size."""
+    if not member.filename.endswith(".npy"):
+        raise ValueError(f"member {member.filename!r} is not an .npy array")
+    if member.file_size > MAX_DEFLATE_RATIO * member.compress_size + (1 << 20):
+        raise ValueError(
+            f"member {member.filename!r} claims {member.file_size:,} bytes from "
+            f"{member.compress_size:,} stored ones, more than compression can give"
+        )
+    with archive.open(member) as handle:
+        version = np.lib.format.read_magic(handle)
+        read_header = {
+            (1, 0): np.lib.format.read_array_header_1_0,
+            (2, 0): np.lib.format.read_array_header_2_0,
+        }.get(version)
+        if read_header is None:
+            raise ValueError(f"member {member.filename!r} has .npy version {version}")
+        shape, _, dtype = read_header(handle)
+        header_bytes = handle.tell()
+    if dtype.hasobject:
+        raise ValueError(f"member {member.filename!r} holds Python objects (refused)")
+    data_bytes = math.prod(shape) * dtype.itemsize
+    if header_bytes + data_bytes != member.file_size:
+        raise ValueError(
+            f"member {member.filename!r} declares {list(shape)} {dtype} ({data_bytes:,} bytes) "
+            f"but holds {member.file_size - header_bytes:,} bytes of data"
+        )
+
+
 def load_npz(path: str | os.PathLike, *, channels: int | None = None) -> ArraySource:
     """Images from an ``.npz`` file (loaded with ``allow_pickle=False``).
 
@@ -284,11 +367,7 @@ def load_npz(path: str | os.PathLike, *, channels: int | None = None) -> ArraySo
     ``labels`` give the int64 labels.
     """
     path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in archive.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        raise DataError(f"cannot read arrays from {path}: {error}") from error
+    arrays = read_npz(path)
     keys = [key for key in ("data", "images", "x") if key in arrays]
     others = [key for key in arrays if key != "labels"]
     if not keys and len(others) != 1:
@@ -352,37 +431,84 @@ class RestrictedUnpickler(pickle.Unpickler):
             return self.BUILTINS[name]
         if (module, name) == ("_codecs", "encode"):
             return _latin1_encode
-        if module == "numpy" and name in ("ndarray", "dtype"):
-            return getattr(np, name)
+        if module == "numpy" and name == "ndarray":
+            return np.ndarray
+        if module == "numpy" and name == "dtype":
+            return _plain_dtype
         if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name == "_reconstruct":
-            try:
-                from numpy._core.multiarray import _reconstruct
-            except ImportError:  # numpy < 2
-                from numpy.core.multiarray import _reconstruct
-            return _reconstruct
+            return _empty_array
+        if module in ("numpy.core.numeric", "numpy._core.numeric") and name == "_frombuffer":
+            return _array_from_buffer  # protocol 5
         raise UnsafePickleError(f"refusing to load global {module}.{name}")
 
 
+def _plain_dtype(*args) -> np.dtype:
+    """``np.dtype(*args)`` for dtypes of plain numbers only (no Python objects)."""
+    dtype = np.dtype(*args)
+    if dtype.hasobject:
+        raise UnsafePickleError(f"refusing an object dtype {dtype}")
+    return dtype
+
+
+def _empty_array(subtype: type, shape: tuple, typecode: bytes) -> np.ndarray:
+    """What numpy pickles an array as: an empty ``ndarray`` whose state is set afterwards
+    (numpy then checks that the state's bytes match its shape and dtype)."""
+    if subtype is not np.ndarray or shape != (0,):
+        raise UnsafePickleError(f"refusing to build an array as {subtype!r} of shape {shape!r}")
+    return np.ndarray(shape, np.uint8)
+
+
+def _array_from_buffer(buffer: bytes, dtype: np.dtype, shape: tuple, order: str) -> np.ndarray:
+    """How protocol 5 pickles an array: its bytes, viewed (numpy checks the sizes agree)."""
+    if not isinstance(buffer, bytes | bytearray) or not isinstance(dtype, np.dtype):
+        raise UnsafePickleError("refusing an array built from anything but bytes")
+    if dtype.hasobject:
+        raise UnsafePickleError(f"refusing an object dtype {dtype}")
+    return np.frombuffer(buffer, dtype).reshape(shape, order=order)
+
+
+MAX_PICKLE_BYTES = 1 << 30  # a CIFAR-10 batch is 30 MiB
+
+
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-10 batch. The pickle is read whole (at most ``MAX_PICKLE_BYTES``) and its
+    opcodes scanned before anything is built, so no length it declares can exceed the bytes
+    it holds; then only the globals :class:`RestrictedUnpickler` allows are built."""
     try:
         with open(path, "rb") as handle:
-            batch = RestrictedUnpickler(handle, encoding="bytes").load()
+            raw = handle.read(MAX_PICKLE_BYTES + 1)
+        if len(raw) > MAX_PICKLE_BYTES:
+            raise DataError(
+                f"{path} is larger than a CIFAR-10 batch may be ({MAX_PICKLE_BYTES:,} B)"
+            )
+        for _ in pickletools.genops(io.BytesIO(raw)):
+            pass
+        batch = RestrictedUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except UnsafePickleError as error:
-        raise UnsafePickleError(f"{path}: {error}; not a CIFAR-10 batch") from error
-    except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError) as error:
-        raise DataError(f"cannot read CIFAR-10 batch {path}: {error}") from error
+        raise UnsafePickleError(f"{path}: {error}; not a CIFAR-10 batch") from None
+    except DataError:
+        raise
+    except Exception as error:  # a malformed pickle fails in many ways; all mean "corrupt"
+        raise DataError(
+            f"cannot read CIFAR-10 batch {path}: {type(error).__name__}: {error}"
+        ) from None
     if not isinstance(batch, dict):
         raise DataError(f"{path}: expected a dict, got {type(batch).__name__}")
     batch = {key.decode() if isinstance(key, bytes) else key: value for key, value in batch.items()}
-    data, labels = batch.get("data"), np.asarray(batch.get("labels", ()))
+    data, labels = batch.get("data"), batch.get("labels", ())
+    if not isinstance(labels, list | np.ndarray) or not all(
+        isinstance(label, int | np.integer) for label in labels
+    ):
+        raise DataError(f"{path}: 'labels' must be a list of integers")
+    labels = np.asarray(labels, dtype=np.int64)
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2:
         raise DataError(f"{path}: 'data' must be a uint8 array [N, 3072]")
-    if data.shape[1] != 3072 or labels.shape != (len(data),) or labels.dtype.kind not in "iu":
+    if data.shape[1] != 3072 or labels.shape != (len(data),):
         raise DataError(
             f"{path}: expected data [N, 3072] and N integer labels, got data "
             f"{list(data.shape)} and labels {list(labels.shape)}"
         )
-    return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
+    return data.reshape(-1, 3, 32, 32), labels
 
 
 def load_cifar10(root: str | os.PathLike, split: str) -> ArraySource:

@@ -22,8 +22,10 @@ from torch import Tensor
 
 from jetblocks.checkpoint import atomic_file
 from jetblocks.extras import require
+from jetblocks.integrations.datasets import DataError
 
 PAD_ID, UNK_ID, EOS_ID = 0, 1, 2
+MAX_MODEL_BYTES = 256 << 20  # large vocabularies (256k pieces) take a few MiB
 
 
 def _spm():
@@ -34,8 +36,13 @@ class SentencePieceTokenizer:
     """A loaded sentencepiece model (its serialized bytes are kept, so it can be saved)."""
 
     def __init__(self, model_proto: bytes) -> None:
+        if not isinstance(model_proto, bytes):
+            raise TypeError(f"model_proto must be bytes, got {type(model_proto).__name__}")
         self.model_proto = model_proto
-        self.processor = _spm().SentencePieceProcessor(model_proto=model_proto)
+        try:
+            self.processor = _spm().SentencePieceProcessor(model_proto=model_proto)
+        except RuntimeError as error:  # sentencepiece's parse error
+            raise DataError(f"not a sentencepiece model ({' '.join(str(error).split())})") from None
         self.pad_id, self.eos_id = self.processor.pad_id(), self.processor.eos_id()
         if self.pad_id < 0 or self.eos_id < 0:
             raise ValueError(
@@ -71,8 +78,19 @@ class SentencePieceTokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SentencePieceTokenizer:
-        """Read a ``.model`` file written by :meth:`save` (or by sentencepiece itself)."""
-        return cls(Path(path).read_bytes())
+        """Read a ``.model`` file written by :meth:`save` (or by sentencepiece itself); one
+        that is not a sentencepiece model, or larger than ``MAX_MODEL_BYTES``, raises
+        :class:`~jetblocks.integrations.datasets.DataError` naming it."""
+        path = Path(path)
+        with open(path, "rb") as handle:
+            proto = handle.read(MAX_MODEL_BYTES + 1)
+        if len(proto) > MAX_MODEL_BYTES:
+            raise DataError(f"{path} is larger than a sentencepiece model may be here "
+                            f"({MAX_MODEL_BYTES >> 20} MiB)")  # fmt: skip
+        try:
+            return cls(proto)
+        except (DataError, ValueError) as error:
+            raise DataError(f"{path}: {error}") from None
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the model to ``path`` atomically."""

@@ -15,26 +15,29 @@ checkpoint directory, or a ``save_pretrained`` directory. Under ``torchrun`` the
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import contextlib
 import json
 import math
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 
 from jetblocks.checkpoint import CheckpointError, read_json
+from jetblocks.config import add_arguments, arguments_of
 from jetblocks.extras import missing_dependency
 from jetblocks.flow import BACKPROP_MODES
 from jetblocks.imageflow import ImageFlow
 from jetblocks.jet import PRESETS, JetConfig
 from jetblocks.likelihood import to_uint8
 from jetblocks.multiscale import MULTISCALE_PRESETS, MultiScaleConfig
-from jetblocks.pretrained import load_pretrained, model_class
-from jetblocks.train import DivergenceError, TrainConfig
-from jetblocks.validation import NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED
+from jetblocks.pretrained import build_model, load_pretrained, model_class
+from jetblocks.train import DivergenceError, TrainConfig, TrainingInterrupted
+from jetblocks.validation import NON_NEGATIVE, POSITIVE_INT, SEED
 
 
 def model_config(args):
@@ -125,34 +128,18 @@ def _output_file(path: str, suffixes: tuple[str, ...]) -> Path:
 # -- commands ----------------------------------------------------------------------------------
 def cmd_train(args) -> None:
     from jetblocks.integrations.distributed import init_distributed
-    from jetblocks.train import JetTask, Trainer
+    from jetblocks.train import BitsPerDimTask, Trainer
 
     env = init_distributed(str(_device(args)))
-    jet_config = model_config(args)
+    flow_config = model_config(args)
     if args.backprop is not None:
-        jet_config = dataclasses.replace(jet_config, backprop=args.backprop)
-    train_config = TrainConfig(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        bf16=args.bf16,
-        compile=args.compile,
-        ema_decay=args.ema,
-        grad_accum=args.grad_accum,
-        distributed=args.distributed,
-        nonfinite=args.on_nonfinite,
-        max_nonfinite_steps=args.max_nonfinite_steps,
-        eval_every=args.eval_every or args.steps,
-        checkpoint_every=args.checkpoint_every or args.steps,
-        log_every=args.log_every,
-        seed=args.seed,
-        progress=not args.no_progress,
-    )
-    torch.manual_seed(args.seed)
+        flow_config = flow_config.replace(backprop=args.backprop)
+    train_config = TrainConfig(**arguments_of(args, TrainConfig))
+    torch.manual_seed(train_config.seed)
     local = train_config.local_batch_size(env.world_size)
     train_source, eval_source = (
-        _source(args, jet_config, "train"),
-        _source(args, jet_config, "test"),
+        _source(args, flow_config, "train"),
+        _source(args, flow_config, "test"),
     )
     train_loader = _loader(args, train_source, local, env, shuffle=True, epochs=None)
 
@@ -160,10 +147,10 @@ def cmd_train(args) -> None:
         return _loader(args, eval_source, args.eval_batch_size, env, False, epochs=1)
 
     trainer = Trainer(
-        model_class(jet_config.to_dict())(jet_config),
-        JetTask(),
+        build_model(model_class(flow_config.to_dict()), flow_config),
+        BitsPerDimTask(),
         train_config,
-        model_config=jet_config.to_dict(),
+        model_config=flow_config.to_dict(),
         train_loader=train_loader,
         eval_batches=eval_batches,
         out_dir=args.out,
@@ -189,19 +176,16 @@ def cmd_train(args) -> None:
 
 def cmd_eval(args) -> None:
     from jetblocks.integrations.distributed import Distributed
+    from jetblocks.train import BitsPerDimTask, evaluate
 
     device = _device(args)
-    jet = load_model(args.checkpoint, device)
+    flow = load_model(args.checkpoint, device)
     env = Distributed(device=torch.device(device))
+    source = _source(args, flow.config, args.split)
+    batches = _loader(args, source, args.batch_size, env, False, 1)
     generator = torch.Generator(device).manual_seed(args.seed)
-    total, count = 0.0, 0
-    with torch.no_grad():
-        source = _source(args, jet.config, args.split)
-        for batch in _loader(args, source, args.batch_size, env, False, 1):
-            pixels = batch["image"].to(device)
-            total += jet.bits_per_dim(pixels, generator=generator).double().sum().item()
-            count += len(pixels)
-    print(json.dumps({"split": args.split, "images": count, "bits_per_dim": total / count}))
+    means, count = evaluate(BitsPerDimTask(), flow, batches, generator, env=env)
+    print(json.dumps({"split": args.split, "images": count, **means}))
 
 
 def cmd_sample(args) -> None:
@@ -312,7 +296,6 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 1)[1],
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    defaults = TrainConfig()
 
     train = commands.add_parser("train", help="train a Jet (single process or under torchrun)")
     model = train.add_mutually_exclusive_group()
@@ -326,25 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", help="a JetConfig (or MultiScaleConfig) JSON file instead of a preset"
     )
     _data_arguments(train)
-    _runtime_arguments(train)
-    train.add_argument("--steps", type=positive_int, default=defaults.steps)
-    train.add_argument(
-        "--batch-size",
-        type=positive_int,
-        default=defaults.batch_size,
-        help="global batch size (split over processes and accumulation steps)",
+    _runtime_arguments(train, seed=False)  # --seed is TrainConfig's
+    add_arguments(
+        train,
+        TrainConfig,
+        aliases={"ema_decay": ("--ema",), "nonfinite": ("--on-nonfinite",)},
     )
-    train.add_argument("--lr", type=positive_float, default=defaults.lr)
-    train.add_argument("--grad-accum", type=positive_int, default=1)
-    train.add_argument(
-        "--ema",
-        type=float,
-        default=None,
-        metavar="DECAY",
-        help="keep an EMA of the weights with this decay (evaluated and sampled)",
-    )
-    train.add_argument("--bf16", action="store_true", help="bfloat16 autocast (float32 islands)")
-    train.add_argument("--compile", action="store_true", help="torch.compile the model")
     train.add_argument(
         "--backprop",
         choices=BACKPROP_MODES,
@@ -352,29 +322,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="how gradients pass the couplings (default: the config's): store activations, "
         "checkpoint each coupling, or rebuild inputs from outputs (memory-saving)",
     )
-    train.add_argument(
-        "--distributed",
-        choices=("ddp", "fsdp"),
-        default="ddp",
-        help="data-parallel strategy under torchrun",
-    )
-    train.add_argument(
-        "--on-nonfinite",
-        choices=("stop", "skip"),
-        default=defaults.nonfinite,
-        help="a NaN/inf loss or gradient norm stops training (default) or skips the step",
-    )
-    train.add_argument(
-        "--max-nonfinite-steps",
-        type=positive_int,
-        default=defaults.max_nonfinite_steps,
-        help="with --on-nonfinite skip: stop after this many bad steps in a row",
-    )
-    train.add_argument("--eval-every", type=positive_int, default=None, help="default: the end")
-    train.add_argument(
-        "--checkpoint-every", type=positive_int, default=None, help="default: at the end"
-    )
-    train.add_argument("--log-every", type=positive_int, default=50)
     train.add_argument("--eval-batch-size", type=positive_int, default=250)
     train.add_argument(
         "--eval-before", action="store_true", help="also evaluate before training and report it"
@@ -389,7 +336,6 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace the run in --out (deletes its checkpoints, metrics.jsonl and samples)",
     )
-    train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(run=cmd_train)
 
     evaluate = commands.add_parser("eval", help="print held-out bits/dim as JSON")
@@ -446,7 +392,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 positive_int = POSITIVE_INT.parse
-positive_float = POSITIVE.parse
 non_negative_float = NON_NEGATIVE.parse
 
 
@@ -464,8 +409,11 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _runtime_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seed", type=SEED.parse, default=0, help="seed of data order and noise")
+def _runtime_arguments(parser: argparse.ArgumentParser, seed: bool = True) -> None:
+    if seed:
+        parser.add_argument(
+            "--seed", type=SEED.parse, default=0, help="seed of data order and noise"
+        )
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument(
         "--threads",
@@ -488,22 +436,31 @@ def _checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a command; every failure is one line on stderr and a non-zero exit code.
 
-    Set ``JETBLOCKS_TRACEBACK=1`` to see the traceback of an unexpected error.
+    Exit codes: 0 done, 2 a problem named on stderr, 130 (SIGINT) and 143 (SIGTERM) stopped
+    by a signal (training saves a checkpoint first; ``--resume`` continues), 1 an unexpected
+    error. Set ``JETBLOCKS_TRACEBACK=1`` to see the traceback of an unexpected error.
     """
     args = build_parser().parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
-        args.run(args)
+        with _terminate_as_exception():
+            args.run(args)
     except ModuleNotFoundError as error:
         print(f"jetblocks {args.command}: error: {missing_dependency(error)}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as error:
+        print(f"jetblocks {args.command}: {_one_line(error)}", file=sys.stderr)
+        return error.exit_code
     except (ValueError, TypeError, OSError, DivergenceError) as error:
         print(f"jetblocks {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"jetblocks {args.command}: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print(f"jetblocks {args.command}: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except Exception as error:
         if os.environ.get("JETBLOCKS_TRACEBACK"):
             raise
@@ -514,6 +471,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 1
     return 0
+
+
+class _Terminated(BaseException):
+    """SIGTERM arrived outside training (which handles it itself)."""
+
+
+@contextlib.contextmanager
+def _terminate_as_exception() -> Iterator[None]:
+    """SIGTERM unwinds the command like SIGINT does (files being written are abandoned by
+    their atomic writers, never left half-written), in the main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: object) -> None:
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _one_line(error: BaseException) -> str:

@@ -10,16 +10,18 @@ and the field; :meth:`Config.validate` adds the checks that involve several fiel
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar, TypeVar
 
-from jetblocks.validation import Choice, Items, Number
+from jetblocks.validation import Choice, Flag, Items, Number
 
-__all__ = ["Config", "PatchGrid", "runtime_fields", "setting"]
+__all__ = ["Config", "PatchGrid", "add_arguments", "arguments_of", "runtime_fields", "setting"]
 
 C = TypeVar("C", bound="Config")
-Rule = Number | Choice | Items
+Rule = Number | Choice | Flag | Items
 
 
 def setting(
@@ -99,6 +101,46 @@ class Config:
                 f"unknown {cls.__name__} preset {name!r}; expected one of {list(cls.presets)}"
             )
         return cls(**{**cls.presets[name], **overrides})
+
+
+def add_arguments(
+    parser: argparse.ArgumentParser,
+    config_class: type[Config],
+    *,
+    aliases: Mapping[str, Iterable[str]] | None = None,
+    skip: Iterable[str] = (),
+    defaults: bool = True,
+) -> None:
+    """One command-line flag per field of ``config_class``: ``--field-name`` (``--no-NAME``
+    for a flag that defaults to True), parsed and checked by the field's rule, with its
+    help text. ``aliases`` adds other spellings; with ``defaults=False`` a flag not given
+    is left out of the parsed arguments (to override only what the user names)."""
+    aliases = aliases or {}
+    for field in dataclasses.fields(config_class):
+        if field.name in skip:
+            continue
+        rule, text = field.metadata.get("rule"), field.metadata.get("help", "")
+        names = [f"--{field.name.replace('_', '-')}", *aliases.get(field.name, ())]
+        default = field.default if defaults else argparse.SUPPRESS
+        options: dict[str, Any] = {"dest": field.name, "default": default}
+        if isinstance(rule, Flag):
+            if field.default is True:
+                names = [f"--no-{field.name.replace('_', '-')}", *aliases.get(field.name, ())]
+            options["action"] = "store_false" if field.default is True else "store_true"
+        elif isinstance(rule, Choice):
+            options["choices"] = rule.options
+        elif isinstance(rule, Items):
+            options |= {"nargs": "+", "type": rule.item.parse}
+        elif isinstance(rule, Number):
+            options["type"] = rule.parse
+        shown = "" if options.get("action") else f" (default: {field.default})"
+        parser.add_argument(*names, help=f"{text}{shown}", **options)
+
+
+def arguments_of(args: argparse.Namespace, config_class: type[Config]) -> dict[str, Any]:
+    """The values of ``config_class``'s fields among parsed ``args`` (:func:`add_arguments`)."""
+    names = {field.name for field in dataclasses.fields(config_class)}
+    return {name: value for name, value in vars(args).items() if name in names}
 
 
 def runtime_fields() -> frozenset[str]:

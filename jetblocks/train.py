@@ -1,22 +1,19 @@
-"""Training Jet (and models built on it): the reference recipe, checkpoints, exact resume.
+"""Training a model on a task: a short loop, handed its optimizer, schedule and run folder.
+
+:class:`Trainer` runs any model through a :class:`Task` (its loss, evaluation and samples), in
+one process or under ``torchrun`` (DDP or FSDP2). What it trains with is given to it:
+``optimizer(model, config)`` and ``schedule(config)`` factories (default: the reference recipe
+below) and a :class:`~jetblocks.run_folder.RunFolder`, which locks the folder for the run and
+holds its checkpoints, metrics and sample grids. The loop adds what every run needs: gradient
+accumulation and clipping, an optional EMA of the weights, a guard against non-finite losses,
+periodic evaluation, samples and checkpoints, exact resume, and a clean stop on SIGINT or
+SIGTERM (a checkpoint is saved first, see :class:`TrainingInterrupted`).
 
 The reference recipe (big_vision, ImageNet-64): Adam with b1 = 0.9, b2 = 0.95, eps = 1e-8;
 global-norm clipping at 1.0; cosine decay to 0 after a linear warm-up over the first 10% of
 steps; weight decay ``wd`` on every parameter, *not* multiplied by the learning rate:
 ``update = -sched(t) * (lr * adam + wd * theta)``, which is ``torch.optim.AdamW`` with
 ``weight_decay = wd / lr``. No EMA, float32.
-
-:class:`Trainer` runs any model through a :class:`Task` (its loss, evaluation and samples),
-in one process or under ``torchrun`` (DDP or FSDP2), and writes into ``out_dir``:
-``checkpoints/step_XXXXXXXX/`` (``config.json``, ``model.safetensors``, ``trainer.json`` +
-``trainer.safetensors``: optimizer, scheduler, EMA, data-loader and RNG states, step),
-``metrics.jsonl`` and ``samples/step_XXXXXXXX.png``.
-
-Guard rails: a run directory that already holds a run is refused unless resumed or
-explicitly overwritten (then only the files a run writes are deleted); resuming falls back
-to the newest intact checkpoint and refuses changed training settings; a non-finite loss or
-gradient norm stops the run (or skips the step, ``nonfinite="skip"``) before the optimizer
-touches the weights, so no checkpoint ever holds NaNs.
 """
 
 from __future__ import annotations
@@ -25,12 +22,13 @@ import contextlib
 import dataclasses
 import json
 import math
-import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -43,71 +41,95 @@ from torch.distributed.checkpoint.state_dict import (
 from jetblocks.checkpoint import (
     CheckpointError,
     CorruptCheckpointError,
-    atomic_directory,
     check_config,
     checkpoints_in,
     load_state,
     read_tensors,
-    remove_orphans,
     save_state,
     write_model_files,
 )
+from jetblocks.config import Config, setting
 from jetblocks.integrations.distributed import Distributed, wrap_model
 from jetblocks.integrations.images import save_grid
 from jetblocks.likelihood import bits_per_dim, dequantize, to_uint8
 from jetblocks.rng import ShardedGenerator
+from jetblocks.run_folder import RunFolder, read_metrics
+from jetblocks.validation import (
+    FLAG,
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    SEED,
+    Choice,
+    Items,
+    Number,
+)
+
+__all__ = [
+    "BitsPerDimTask",
+    "DivergenceError",
+    "Task",
+    "TrainConfig",
+    "Trainer",
+    "TrainingInterrupted",
+    "checkpoints_in",
+    "evaluate",
+    "read_metrics",
+    "reference_optimizer",
+    "reference_schedule",
+    "warmup_cosine",
+]
+
+_UNIT = Number(float, low=0, high=1)
+_DECAY = Number(float, low=0, high=1, open_high=True, optional=True)
 
 
-@dataclasses.dataclass
-class TrainConfig:
-    """How to train; the defaults are the reference recipe."""
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(Config):
+    """How to train; the defaults are the reference recipe. Fields marked ``resumable``
+    may change when a run is resumed (its length, how it runs, logs, evaluates and
+    saves); the others define the run and must match its checkpoint."""
 
-    steps: int = 10_000
-    batch_size: int = 64  # global: split over ranks and accumulation steps
-    lr: float = 3e-4
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    weight_decay: float = 1e-5  # the reference's decoupled decay (not multiplied by lr)
-    decay_kernels_only: bool = False  # True: decay nn.Linear weights only (JetFormer's recipe)
-    grad_clip: float = 1.0
-    warmup_fraction: float = 0.1
-    ema_decay: float | None = None
-    bf16: bool = False
-    grad_accum: int = 1
-    compile: bool = False
-    distributed: str = "ddp"  # "ddp" or "fsdp" under torchrun
-    eval_every: int = 1000
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 3
-    log_every: int = 50
-    sample_temperatures: tuple[float, ...] = (0.5, 0.75, 1.0)
-    samples_per_temperature: int = 8
-    seed: int = 0
-    progress: bool = True
-    nonfinite: str = "stop"  # a NaN/inf loss or gradient norm: "stop", or "skip" the step
-    max_nonfinite_steps: int = 10  # with "skip": stop after this many bad steps in a row
-
-    def __post_init__(self) -> None:
-        self.betas, self.sample_temperatures = tuple(self.betas), tuple(self.sample_temperatures)
-        for name in (
-            "steps",
-            "batch_size",
-            "grad_accum",
-            "eval_every",
-            "checkpoint_every",
-            "keep_checkpoints",
-            "log_every",
-            "max_nonfinite_steps",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"TrainConfig.{name} must be >= 1 (an int), got {value!r}")
-        if not 0 < self.lr < math.inf:
-            raise ValueError(f"TrainConfig.lr must be finite and positive, got {self.lr}")
-        if self.nonfinite not in ("stop", "skip"):
-            raise ValueError(
-                f"TrainConfig.nonfinite must be 'stop' or 'skip', got {self.nonfinite!r}"
-            )
+    steps: int = setting(10_000, POSITIVE_INT, "optimizer steps in all", resumable=True)
+    batch_size: int = setting(
+        64, POSITIVE_INT, "global batch size (split over processes and accumulation steps)"
+    )
+    lr: float = setting(3e-4, POSITIVE, "peak learning rate")
+    betas: tuple[float, float] = setting(
+        (0.9, 0.95), Items(Number(float, low=0, high=1, open_high=True), length=2), "Adam's"
+    )
+    eps: float = setting(1e-8, POSITIVE, "Adam's epsilon")
+    weight_decay: float = setting(1e-5, NON_NEGATIVE, "decoupled weight decay (not times lr)")
+    grad_clip: float = setting(1.0, POSITIVE, "global gradient-norm clip")
+    warmup_fraction: float = setting(0.1, _UNIT, "fraction of steps of linear warm-up")
+    ema_decay: float | None = setting(
+        None, _DECAY, "keep an EMA of the weights with this decay (evaluated and sampled)"
+    )
+    bf16: bool = setting(False, FLAG, "bfloat16 autocast (float32 islands)", resumable=True)
+    grad_accum: int = setting(1, POSITIVE_INT, "micro-batches per optimizer step")
+    compile: bool = setting(False, FLAG, "torch.compile the model", resumable=True)
+    distributed: str = setting(
+        "ddp", Choice(("ddp", "fsdp")), "data-parallel strategy under torchrun", resumable=True
+    )
+    eval_every: int = setting(1000, POSITIVE_INT, "steps between evaluations", resumable=True)
+    checkpoint_every: int = setting(1000, POSITIVE_INT, "steps between checkpoints", resumable=True)
+    keep_checkpoints: int = setting(3, POSITIVE_INT, "newest checkpoints kept", resumable=True)
+    log_every: int = setting(50, POSITIVE_INT, "steps between metrics records", resumable=True)
+    sample_temperatures: tuple[float, ...] = setting(
+        (0.5, 0.75, 1.0), Items(NON_NEGATIVE), "one row of samples each", resumable=True
+    )
+    samples_per_temperature: int = setting(8, POSITIVE_INT, "samples per row", resumable=True)
+    seed: int = setting(0, SEED, "seed of data order and noise")
+    progress: bool = setting(True, FLAG, "show a progress bar", resumable=True)
+    nonfinite: str = setting(
+        "stop",
+        Choice(("stop", "skip")),
+        "a NaN/inf loss or gradient norm stops training or skips the step",
+        resumable=True,
+    )
+    max_nonfinite_steps: int = setting(
+        10, POSITIVE_INT, "with nonfinite='skip': stop after this many in a row", resumable=True
+    )
 
     def local_batch_size(self, world_size: int) -> int:
         """Examples per rank and micro-step; the global batch must split evenly."""
@@ -120,44 +142,34 @@ class TrainConfig:
         return self.batch_size // parts
 
 
-# What may change when a run is resumed: its length (the schedule follows the new total),
-# how it is executed, logged, evaluated and saved. Everything else (batch size, lr, seed,
-# ...) defines the run and must match its checkpoint.
-RESUMABLE_CHANGES = frozenset(
-    {
-        "steps",
-        "bf16",
-        "distributed",
-        "compile",
-        "eval_every",
-        "checkpoint_every",
-        "keep_checkpoints",
-        "log_every",
-        "sample_temperatures",
-        "samples_per_temperature",
-        "progress",
-        "nonfinite",
-        "max_nonfinite_steps",
-    }
-)
-
-
 class DivergenceError(RuntimeError):
     """Training produced a non-finite loss or gradient norm (the weights were not updated)."""
 
 
-def parameter_groups(model: nn.Module, kernels_only: bool) -> Iterable[Any]:
-    """All parameters, or ``[kernels, rest with weight_decay 0]`` where kernels are the weights
-    of ``nn.Linear`` layers (not embeddings, biases, norms or position embeddings)."""
-    if not kernels_only:
-        return model.parameters()
-    kernels = {id(m.weight): m.weight for m in model.modules() if isinstance(m, nn.Linear)}
-    rest = [p for p in model.parameters() if id(p) not in kernels]
-    return [{"params": list(kernels.values())}, {"params": rest, "weight_decay": 0.0}]
+class TrainingInterrupted(RuntimeError):
+    """Training stopped on a signal (SIGINT, SIGTERM): ``checkpoint`` holds the last step
+    (None if a second signal stopped it at once); ``--resume`` continues exactly."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None) -> None:
+        self.signal, self.step, self.checkpoint = signal.Signals(signum), step, checkpoint
+        how = (
+            f"stopped by {self.signal.name} at step {step}; saved {checkpoint}"
+            if checkpoint is not None
+            else f"stopped at once by a second {self.signal.name} during step {step + 1}; "
+            "the last checkpoint is intact"
+        )
+        super().__init__(f"{how}; continue with resume=True (--resume)")
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's code for a process ended by this signal: 128 + its number."""
+        return 128 + int(self.signal)
 
 
-def reference_optimizer(params: Iterable[Any], config: TrainConfig) -> torch.optim.AdamW:
-    """Adam with the reference's decoupled weight decay, as ``AdamW(weight_decay=wd / lr)``."""
+def reference_optimizer(model: nn.Module | Iterable[Any], config: TrainConfig) -> torch.optim.AdamW:
+    """Adam with the reference's decoupled weight decay on every parameter of ``model``
+    (or on the given parameter groups), as ``AdamW(weight_decay=wd / lr)``."""
+    params = model.parameters() if isinstance(model, nn.Module) else model
     return torch.optim.AdamW(
         params,
         lr=config.lr,
@@ -177,6 +189,11 @@ def warmup_cosine(total_steps: int, warmup_fraction: float) -> Callable[[int], f
         return ramp * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
+
+
+def reference_schedule(config: TrainConfig) -> Callable[[int], float]:
+    """The reference's learning-rate factor per step: :func:`warmup_cosine` over the run."""
+    return warmup_cosine(config.steps, config.warmup_fraction)
 
 
 class Task(Protocol):
@@ -203,8 +220,9 @@ class Task(Protocol):
         """``n`` float images in ``[-1, 1]``."""
 
 
-class JetTask:
-    """Unconditional Jet: minimise bits/dim of uniformly dequantized uint8 images."""
+class BitsPerDimTask:
+    """Any image flow (:class:`~jetblocks.imageflow.ImageFlow`): minimise the bits/dim of
+    uniformly dequantized uint8 images; evaluate held-out bits/dim; sample."""
 
     def loss(
         self, model: nn.Module, batch: dict[str, Tensor], generator: ShardedGenerator
@@ -222,8 +240,44 @@ class JetTask:
         return model.sample(n, temperature, generator=generator)
 
 
+@torch.no_grad()
+def evaluate(
+    task: Task,
+    model: nn.Module,
+    batches: Iterable[dict[str, Tensor]],
+    generator: torch.Generator,
+    *,
+    env: Distributed | None = None,
+    autocast: contextlib.AbstractContextManager | None = None,
+) -> tuple[dict[str, float], int]:
+    """``(means, count)``: the task's per-example metrics averaged over ``batches`` (on
+    every rank of ``env``) and the number of examples. ``model`` runs in eval mode."""
+    env = env or Distributed(device=generator.device)
+    training, sums = model.training, {}
+    model.eval()
+    count = torch.zeros((), dtype=torch.float64, device=env.device)
+    for batch in batches:
+        batch = {k: v.to(env.device, non_blocking=True) for k, v in batch.items()}
+        with autocast or contextlib.nullcontext():
+            metrics = task.evaluate(model, batch, generator)
+        for name, values in metrics.items():
+            sums[name] = sums.get(name, 0) + values.double().sum()
+        count += len(batch["image"])
+    model.train(training)
+    totals = env.all_sum(torch.stack([count, *sums.values()]))
+    return {name: (totals[i + 1] / totals[0]).item() for i, name in enumerate(sums)}, int(
+        totals[0].item()
+    )
+
+
 class Trainer:
-    """Runs the training loop; see the module docstring for what it writes."""
+    """The training loop (see the module docstring).
+
+    ``out_dir`` is the run's folder (a path or a :class:`RunFolder`); ``optimizer`` and
+    ``schedule`` are factories, called once the model is placed and wrapped.
+    """
+
+    EVAL_SEED: ClassVar[int] = 10_007
 
     def __init__(
         self,
@@ -234,23 +288,21 @@ class Trainer:
         model_config: dict[str, Any],
         train_loader: Any,
         eval_batches: Callable[[], Iterable[dict[str, Tensor]]] | None,
-        out_dir: str | Path,
+        out_dir: str | Path | RunFolder,
         env: Distributed | None = None,
+        optimizer: Callable[[nn.Module, TrainConfig], torch.optim.Optimizer] = reference_optimizer,
+        schedule: Callable[[TrainConfig], Callable[[int], float]] = reference_schedule,
     ) -> None:
         self.task, self.config, self.model_config = task, config, model_config
         self.env = env or Distributed()
-        self.out_dir = Path(out_dir)
+        self.run = out_dir if isinstance(out_dir, RunFolder) else RunFolder(out_dir)
+        self.run.main = self.env.is_main
         self.train_loader, self.eval_batches = train_loader, eval_batches
         self.local_batch = config.local_batch_size(self.env.world_size)
-        self.model = model.to(self.env.device)
-        self.model = wrap_model(self.model, config.distributed, self.env)
+        self.model = wrap_model(model.to(self.env.device), config.distributed, self.env)
         self.forward_model = torch.compile(self.model) if config.compile else self.model
-        self.optimizer = reference_optimizer(
-            parameter_groups(self.model, config.decay_kernels_only), config
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_cosine(config.steps, config.warmup_fraction)
-        )
+        self.optimizer = optimizer(self.model, config)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule(config))
         self.ema = None
         if config.ema_decay is not None:
             self.ema = torch.optim.swa_utils.AveragedModel(
@@ -262,41 +314,48 @@ class Trainer:
         )
         self.step = 0
         self.nonfinite_in_a_row = 0
+        self._stop = _StopRequest()
+
+    @property
+    def out_dir(self) -> Path:
+        return self.run.path
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.env.device.type, torch.bfloat16, enabled=self.config.bf16)
 
     # -- the loop -------------------------------------------------------------------------------
     def fit(self, resume: bool = False, overwrite: bool = False) -> dict[str, float]:
-        """Train to ``config.steps``.
+        """Train to ``config.steps``; return the last evaluation.
 
-        ``out_dir`` must not hold another run: with ``resume`` training continues from its
-        newest intact checkpoint, with ``overwrite`` the run's own files (checkpoints,
-        ``metrics.jsonl``, samples) are deleted first; anything else there is left alone.
+        The run folder is locked for the whole run (:class:`RunFolder`): one holding another
+        run is refused unless ``resume`` (continue from its newest intact checkpoint) or
+        ``overwrite`` (delete the run's checkpoints, metrics and samples first). SIGINT and
+        SIGTERM finish the current step, save a checkpoint and raise
+        :class:`TrainingInterrupted`; a second signal stops at once.
         """
-        self._prepare_out_dir()
-        if resume and checkpoints_in(self.out_dir):
-            self.restore_latest()
-        else:  # a run killed before its first checkpoint is resumed by starting it again
-            if self._holds_a_run():
-                if not (overwrite or resume):
-                    raise CheckpointError(
-                        f"{self.out_dir} already holds a training run; resume it "
-                        "(resume=True, --resume) or replace it (overwrite=True, --overwrite)"
-                    )
-                self._delete_run()
+        if self.env.is_main:
+            self.run.open(resume=resume, overwrite=overwrite)
+        try:
             self.env.barrier()
-            if self.env.is_main:
-                (self.out_dir / "metrics.jsonl").write_text("")
+            if resume and self.run.checkpoints():
+                self.restore_latest()
+            with _stop_on_signals(self._stop):
+                return self._loop()
+        finally:
+            self.run.close()
+
+    def _loop(self) -> dict[str, float]:
         batches = iter(self.train_loader)
         progress = self._progress_bar()
         last_eval: dict[str, float] = {}
+        saved_at = -1
         interval_start, interval_steps = time.perf_counter(), 0
         while self.step < self.config.steps:
             loss = self.train_step(batches)
             interval_steps += 1
             progress.update(1)
-            if self.step % self.config.log_every == 0 or self.step == self.config.steps:
+            last = self.step == self.config.steps
+            if self.step % self.config.log_every == 0 or last:
                 seconds = time.perf_counter() - interval_start
                 record = {
                     "step": self.step,
@@ -307,14 +366,19 @@ class Trainer:
                 progress.set_postfix(
                     loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}"
                 )
-                self._log(record)
+                self.run.log(record)
                 interval_start, interval_steps = time.perf_counter(), 0
-            if self.step % self.config.eval_every == 0 or self.step == self.config.steps:
+            if self.step % self.config.eval_every == 0 or last:
                 last_eval = self.evaluate()
-                self._log({"step": self.step, **{f"eval_{k}": v for k, v in last_eval.items()}})
+                self.run.log({"step": self.step, **{f"eval_{k}": v for k, v in last_eval.items()}})
                 self.write_samples()
-            if self.step % self.config.checkpoint_every == 0 or self.step == self.config.steps:
+            if self.step % self.config.checkpoint_every == 0 or last:
                 self.save_checkpoint()
+                saved_at = self.step
+            if self._stop.agreed:
+                if saved_at != self.step:
+                    self.save_checkpoint()
+                raise TrainingInterrupted(self._stop.signal, self.step, self._checkpoint_path())
             if interval_steps == 0:  # evaluation and checkpoints do not count as training time
                 interval_start = time.perf_counter()
         progress.close()
@@ -335,7 +399,7 @@ class Trainer:
                 (loss / self.config.grad_accum).backward()
             total = total + loss.detach() / self.config.grad_accum
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        if self._finite(total, norm):
+        if self._finite_and_agree_on_stopping(total, norm):
             self.nonfinite_in_a_row = 0
             self.optimizer.step()
         else:
@@ -345,18 +409,25 @@ class Trainer:
         if self.ema is not None:
             self.ema.update_parameters(self.model)
         self.step += 1
+        self._stop.step = self.step
         return total
 
-    def _finite(self, loss: Tensor, norm: Tensor) -> bool:
-        """Whether every rank's loss and the gradient norm are finite (one host sync)."""
+    def _finite_and_agree_on_stopping(self, loss: Tensor, norm: Tensor) -> bool:
+        """Whether every rank's loss and the gradient norm are finite; every rank also learns
+        whether any of them was asked to stop (one host sync for both)."""
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP's DTensor
         bad = (~torch.isfinite(loss) | ~torch.isfinite(norm)).double().reshape(1)
-        return self.env.all_sum(bad).item() == 0
+        asked = torch.tensor([float(self._stop.signal is not None)], device=bad.device)
+        bad_count, stopping = self.env.all_sum(torch.cat([bad, asked.double()])).tolist()
+        if stopping and self._stop.signal is None:
+            self._stop.signal = signal.SIGTERM  # another rank was signalled
+        self._stop.agreed = bool(stopping)
+        return bad_count == 0
 
     def _on_nonfinite(self, loss: Tensor, norm: Tensor) -> None:
         self.nonfinite_in_a_row += 1
         what = f"loss {loss.item():.4g}, gradient norm {norm.item():.4g}"
-        last = checkpoints_in(self.out_dir)
+        last = self.run.checkpoints()
         kept = f"the last checkpoint ({last[-1].name}) is intact" if last else "nothing was saved"
         if self.config.nonfinite == "stop":
             raise DivergenceError(
@@ -370,25 +441,20 @@ class Trainer:
             )
         self._warn(f"skipped step {self.step + 1}: {what}")
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Held-out means of the task's metrics over every rank's shard (same noise each time)."""
         if self.eval_batches is None:
             return {}
-        model = self._eval_model()
-        model.eval()
-        generator = torch.Generator(self.env.device).manual_seed(10_007 + self.env.rank)
-        sums: dict[str, Tensor] = {}
-        count = torch.zeros((), dtype=torch.float64, device=self.env.device)
-        for batch in self.eval_batches():
-            with self.autocast():
-                metrics = self.task.evaluate(model, self._to_device(batch), generator)
-            for name, values in metrics.items():
-                sums[name] = sums.get(name, 0) + values.double().sum()
-            count += len(batch["image"])
-        model.train()
-        totals = self.env.all_sum(torch.stack([count, *sums.values()]))
-        return {name: (totals[i + 1] / totals[0]).item() for i, name in enumerate(sums)}
+        generator = torch.Generator(self.env.device).manual_seed(self.EVAL_SEED + self.env.rank)
+        means, _ = evaluate(
+            self.task,
+            self._eval_model(),
+            self.eval_batches(),
+            generator,
+            env=self.env,
+            autocast=self.autocast(),
+        )
+        return means
 
     @torch.no_grad()
     def write_samples(self) -> Path | None:
@@ -405,12 +471,16 @@ class Trainer:
         model.train()
         if not self.env.is_main or not rows:
             return None
-        path = self.out_dir / "samples" / f"step_{self.step:08d}.png"
+        path = self.run.sample_file(self.step)
         return save_grid(torch.cat(rows), path, ncols=self.config.samples_per_temperature)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _options(self) -> StateDictOptions:
         return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+    def _checkpoint_path(self) -> Path | None:
+        found = self.run.checkpoints()
+        return found[-1] if found else None
 
     def save_checkpoint(self) -> Path:
         """Write ``checkpoints/step_<8-digit step>`` atomically; keep the last ``keep_checkpoints``.
@@ -426,7 +496,7 @@ class Trainer:
                 f"the weights at step {self.step} are not finite; not saving them"
             )
         loader_states = self.env.gather_objects(self.train_loader.state_dict())
-        target = self.out_dir / "checkpoints" / f"step_{self.step:08d}"
+        target = self.run.path / "checkpoints" / f"step_{self.step:08d}"
         if self.env.is_main:
             trainer_state = {
                 "step": self.step,
@@ -436,78 +506,62 @@ class Trainer:
                 "loaders": loader_states,
                 "noise_rng": self.generator.get_state(),
                 "torch_rng": torch.get_rng_state(),
-                "train_config": dataclasses.asdict(self.config),
+                "train_config": self.config.to_dict(),
             }
-            try:
-                with atomic_directory(target) as staging:
-                    write_model_files(staging, model_state, self.model_config)
-                    save_state(staging, "trainer", trainer_state)
-            except OSError as error:
-                earlier = ", ".join(p.name for p in checkpoints_in(self.out_dir)) or "none"
-                message = (
-                    f"could not write checkpoint {target.name}: {error.strerror or error}; "
-                    f"earlier checkpoints are intact ({earlier})"
-                )
-                raise OSError(*(error.errno, message) if error.errno else (message,)) from error
-            for old in checkpoints_in(self.out_dir)[: -self.config.keep_checkpoints]:
-                shutil.rmtree(old)
+
+            def write(staging: Path) -> None:
+                write_model_files(staging, model_state, self.model_config)
+                save_state(staging, "trainer", trainer_state)
+
+            target = self.run.save_checkpoint(self.step, write, self.config.keep_checkpoints)
         self.env.barrier()
         return target
 
     def restore_latest(self) -> Path:
         """Restore the newest checkpoint that loads; skipped (corrupt) ones are reported."""
-        skipped: list[str] = []
-        for directory in reversed(checkpoints_in(self.out_dir)):
-            try:
-                self.restore(directory)
-            except CorruptCheckpointError as error:
-                skipped.append(f"{directory.name} ({error})")
-                self._warn(f"skipping checkpoint {directory.name}: {error}")
-                continue
-            if skipped:
-                self._warn(f"resumed from {directory.name}, skipped {len(skipped)} newer one(s)")
-            return directory
-        raise CorruptCheckpointError(
-            f"no intact checkpoint to resume in {self.out_dir}: " + "; ".join(skipped)
-        )
+        return self.run.restore_latest(self.restore)[0]
 
     def restore(self, directory: Path) -> None:
         """Load a checkpoint written by :meth:`save_checkpoint` (same model config, training
         settings and world size); nothing is changed unless every file of it reads."""
-        state = load_state(directory, "trainer")
+        state = _checked_trainer_state(load_state(directory, "trainer"), directory)
         check_config(self.model_config, directory)
         model_state = read_tensors(directory / "model.safetensors")
-        self._check_train_config(state.get("train_config", {}), directory)
+        self._check_train_config(state["train_config"], directory)
         if len(state["loaders"]) != self.env.world_size:
             raise CheckpointError(
                 f"{directory} was written by {len(state['loaders'])} processes; resume it with "
                 f"the same number (this job has {self.env.world_size})"
             )
-        set_state_dict(
-            self.model,
-            self.optimizer,
-            model_state_dict=model_state,
-            optim_state_dict=state["optimizer"],
-            options=StateDictOptions(full_state_dict=True),
-        )
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.ema is not None and state["ema"] is not None:
-            self.ema.load_state_dict(state["ema"])
-        self.train_loader.load_state_dict(state["loaders"][self.env.rank])
-        self.generator.set_state(state["noise_rng"])
-        torch.set_rng_state(state["torch_rng"])
+        try:
+            set_state_dict(
+                self.model,
+                self.optimizer,
+                model_state_dict=model_state,
+                optim_state_dict=state["optimizer"],
+                options=StateDictOptions(full_state_dict=True),
+            )
+            self.scheduler.load_state_dict(state["scheduler"])
+            if self.ema is not None and state["ema"] is not None:
+                self.ema.load_state_dict(state["ema"])
+            self.train_loader.load_state_dict(state["loaders"][self.env.rank])
+            self.generator.set_state(state["noise_rng"])
+            torch.set_rng_state(state["torch_rng"])
+        except (RuntimeError, KeyError, IndexError, TypeError, ValueError) as error:
+            raise CorruptCheckpointError(
+                f"{directory} does not fit this run (model, optimizer, loader or random "
+                f"states): {type(error).__name__}: {error}"
+            ) from None
         self.step = state["step"]
-        if self.env.is_main:  # forget what was logged after this checkpoint
-            log = self.out_dir / "metrics.jsonl"
-            kept = [r for r in _read_jsonl(log) if r["step"] <= self.step]
-            log.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.run.forget_after(self.step)
 
     def _check_train_config(self, saved: dict[str, Any], directory: Path) -> None:
         saved = json.loads(json.dumps(saved))  # tuples and lists compare equal
-        current = json.loads(json.dumps(dataclasses.asdict(self.config)))
+        current = json.loads(json.dumps(self.config.to_dict()))
+        fixed = set(saved) & set(current) - TrainConfig.fields_where("resumable")
         changed = [
             f"{name}: the run has {saved[name]!r}, now {current[name]!r}"
-            for name in sorted(set(saved) & set(current) - RESUMABLE_CHANGES)
+            for name in sorted(fixed)
             if saved[name] != current[name]
         ]
         if changed:
@@ -515,36 +569,6 @@ class Trainer:
                 f"cannot resume {directory}: training settings changed ({'; '.join(changed)}); "
                 "resume with the run's settings or start a new run"
             )
-
-    # -- run directories ------------------------------------------------------------------------
-    def _prepare_out_dir(self) -> None:
-        """Create ``out_dir``; remove temporary files a killed save left behind."""
-        if not self.env.is_main:
-            return
-        if self.out_dir.exists() and not self.out_dir.is_dir():
-            raise CheckpointError(f"the run directory {self.out_dir} is a file, not a folder")
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        orphans = remove_orphans(self.out_dir / "checkpoints", "step_*")
-        orphans += remove_orphans(self.out_dir / "samples", "step_*.png")
-        orphans += remove_orphans(self.out_dir, "metrics.jsonl")
-        if orphans:
-            self._warn(f"removed {len(orphans)} unfinished temporary file(s) of a killed save")
-
-    def _holds_a_run(self) -> bool:
-        metrics = self.out_dir / "metrics.jsonl"
-        return bool(checkpoints_in(self.out_dir)) or (
-            metrics.is_file() and metrics.stat().st_size > 0
-        )
-
-    def _delete_run(self) -> None:
-        """Delete what a run writes (and nothing else): checkpoints, metrics and samples."""
-        if not self.env.is_main:
-            return
-        for checkpoint in checkpoints_in(self.out_dir):
-            shutil.rmtree(checkpoint)
-        for sample in (self.out_dir / "samples").glob("step_*.png"):
-            sample.unlink()
-        (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
 
     # -- helpers --------------------------------------------------------------------------------
     def _warn(self, message: str) -> None:
@@ -561,11 +585,6 @@ class Trainer:
     def _global_mean(self, value: Tensor) -> float:
         return (self.env.all_sum(value.detach().double().reshape(1)) / self.env.world_size).item()
 
-    def _log(self, record: dict[str, Any]) -> None:
-        if self.env.is_main:
-            with open(self.out_dir / "metrics.jsonl", "a") as handle:
-                handle.write(json.dumps(record) + "\n")
-
     def _progress_bar(self):
         from tqdm.auto import tqdm
 
@@ -579,35 +598,74 @@ class Trainer:
         )
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The records of a JSON-lines log; a last line torn by a kill mid-write is dropped."""
-    if not path.is_file():
-        return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    records = []
-    for number, line in enumerate(lines, 1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number < len(lines):
-                raise CheckpointError(f"{path} line {number} is corrupt: {line[:80]!r}") from None
-    return records
+_TRAINER_STATE = {
+    "step": int,
+    "optimizer": dict,
+    "scheduler": dict,
+    "loaders": list,
+    "noise_rng": Tensor,
+    "torch_rng": Tensor,
+    "train_config": dict,
+}
 
 
-def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:
-    """The records of ``out_dir/metrics.jsonl``, in order."""
-    return _read_jsonl(Path(out_dir) / "metrics.jsonl")
+def _checked_trainer_state(state: Any, directory: Path) -> dict[str, Any]:
+    """``state`` if it has every field a trainer state has, with the right types."""
+    if not isinstance(state, dict):
+        raise CorruptCheckpointError(f"{directory}/trainer.json does not hold a trainer state")
+    for name, kind in _TRAINER_STATE.items():
+        if not isinstance(state.get(name), kind) or isinstance(state.get(name), bool):
+            raise CorruptCheckpointError(
+                f"{directory}/trainer.json: '{name}' must be a {kind.__name__}, got "
+                f"{type(state.get(name)).__name__}"
+            )
+    if not (state.get("ema") is None or isinstance(state["ema"], dict)):
+        raise CorruptCheckpointError(f"{directory}/trainer.json: 'ema' must be a dict or null")
+    return state
 
 
-__all__ = [
-    "DivergenceError",
-    "JetTask",
-    "Task",
-    "TrainConfig",
-    "Trainer",
-    "checkpoints_in",
-    "parameter_groups",
-    "read_metrics",
-    "reference_optimizer",
-    "warmup_cosine",
-]
+@dataclasses.dataclass
+class _StopRequest:
+    """A signal received during :meth:`Trainer.fit` (``signal``), whether every rank has
+    learned of it (``agreed``), and the steps done so far."""
+
+    signal: int | None = None
+    agreed: bool = False
+    step: int = 0
+
+
+@contextlib.contextmanager
+def _stop_on_signals(request: _StopRequest) -> Iterator[None]:
+    """Within the block, SIGINT and SIGTERM set ``request.signal`` (the loop stops after the
+    current step); a second one raises :class:`TrainingInterrupted` at once. Handlers are
+    installed only in the main thread, and the previous ones restored afterwards."""
+    request.signal, request.agreed = None, False
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if request.signal is not None:
+            raise TrainingInterrupted(signum, request.step, None)
+        request.signal = signum
+
+    wanted = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, handler) for s in wanted}
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "JetTask":
+        import warnings
+
+        warnings.warn(
+            "jetblocks.train.JetTask is now BitsPerDimTask (it trains any image flow)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return BitsPerDimTask
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

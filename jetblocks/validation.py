@@ -27,6 +27,7 @@ import torch
 
 __all__ = [
     "COUNT",
+    "FLAG",
     "GUIDANCE",
     "NON_NEGATIVE",
     "POSITIVE",
@@ -35,6 +36,7 @@ __all__ = [
     "SEED",
     "TEMPERATURE",
     "Choice",
+    "Flag",
     "InvalidValue",
     "Items",
     "Number",
@@ -50,7 +52,8 @@ class InvalidValue(ValueError, TypeError):
 
 @dataclasses.dataclass(frozen=True)
 class Number:
-    """An int, or a finite float, in ``[low, high]`` (``low`` excluded with ``open_low``).
+    """An int, or a finite float, in ``[low, high]`` (a bound excluded with ``open_low`` or
+    ``open_high``).
 
     ``optional``: ``None`` is accepted too (a setting that may be left unset).
     """
@@ -59,16 +62,18 @@ class Number:
     low: float | None = None
     high: float | None = None
     open_low: bool = False
+    open_high: bool = False
     optional: bool = False
 
     def __str__(self) -> str:
         what = "an int" if self.kind is int else "a finite number"
+        left, right = "(" if self.open_low else "[", ")" if self.open_high else "]"
         if self.low is not None and self.high is not None:
-            bound = f" in {'(' if self.open_low else '['}{_show(self.low)}, {_show(self.high)}]"
+            bound = f" in {left}{_show(self.low)}, {_show(self.high)}{right}"
         elif self.low is not None:
             bound = f" {'>' if self.open_low else '>='} {_show(self.low)}"
         elif self.high is not None:
-            bound = f" <= {_show(self.high)}"
+            bound = f" {'<' if self.open_high else '<='} {_show(self.high)}"
         else:
             bound = ""
         return what + bound + (" or None" if self.optional else "")
@@ -84,7 +89,9 @@ class Number:
         too_low = self.low is not None and (
             value < self.low or (self.open_low and value == self.low)
         )
-        too_high = self.high is not None and value > self.high
+        too_high = self.high is not None and (
+            value > self.high or (self.open_high and value == self.high)
+        )
         if not math.isfinite(value) or too_low or too_high:
             raise InvalidValue(f"{name} must be {self}, got {value!r}")
         return value
@@ -113,11 +120,24 @@ class Choice:
 
 
 @dataclasses.dataclass(frozen=True)
+class Flag:
+    """``True`` or ``False``."""
+
+    def __str__(self) -> str:
+        return "True or False"
+
+    def check(self, value: Any, name: str) -> bool:
+        if not isinstance(value, bool):
+            raise InvalidValue(f"{name} must be {self}, got {value!r}")
+        return value
+
+
+@dataclasses.dataclass(frozen=True)
 class Items:
     """A sequence (not a string) of ``length`` items (or at least ``min_length``), each
     checked by ``item``; returned as a tuple."""
 
-    item: Number | Choice
+    item: Number | Choice | Flag
     length: int | None = None
     min_length: int = 0
 
@@ -145,9 +165,10 @@ NON_NEGATIVE = Number(float, low=0)
 TEMPERATURE = NON_NEGATIVE
 GUIDANCE = Number(float)
 SAMPLER = Choice(("exact", "rejection"))
+FLAG = Flag()
 
 
-def checked(**rules: Number | Choice) -> Callable[[F], F]:
+def checked(**rules: Number | Choice | Flag) -> Callable[[F], F]:
     """Check the named arguments of every call of the decorated function by their rules.
 
     The error names the function (a method by its class) and the argument. Arguments left

@@ -51,7 +51,7 @@ def make_trainer(digits_config):
     a checkpoint every 3 steps and one evaluation at the end."""
     from jetblocks import Jet
     from jetblocks.integrations.torchdata import image_loader, open_source
-    from jetblocks.train import JetTask, TrainConfig, Trainer
+    from jetblocks.train import BitsPerDimTask, TrainConfig, Trainer
 
     def make(out_dir, steps=6, jet_config=None, task=None, **overrides):
         torch.manual_seed(0)
@@ -63,7 +63,7 @@ def make_trainer(digits_config):
         test = open_source("digits", "test")
         return Trainer(
             Jet(jet_config),
-            task or JetTask(),
+            task or BitsPerDimTask(),
             config,
             model_config=jet_config.to_dict(),
             train_loader=loader,

@@ -390,7 +390,7 @@ def test_a_config_that_disagrees_with_the_masks_is_refused(arrays):
 def test_bad_files_and_unportable_jets_are_refused(tmp_path, jet):
     single = tmp_path / "single.npy"
     np.save(single, np.zeros(3))
-    with pytest.raises(ValueError, match="single array"):
+    with pytest.raises(ValueError, match="not a readable .npz"):
         bv.load_jet(single)
     with pytest.raises(ValueError, match=r"\.npz"):
         bv.save_jet(jet, tmp_path / "jet.ckpt")
@@ -403,7 +403,7 @@ def test_bad_files_and_unportable_jets_are_refused(tmp_path, jet):
         bv.load_jet(tmp_path)
     pickled = tmp_path / "pickled.npz"
     np.savez(pickled, **{bv.CHANNEL_MASKS: np.array([object()], dtype=object)})
-    with pytest.raises(ValueError, match="allow_pickle=False"):
+    with pytest.raises(ValueError, match="holds Python objects"):
         bv.load_jet(pickled)
 
 

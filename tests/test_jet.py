@@ -318,9 +318,7 @@ def test_save_and_load_pretrained_round_trip_exactly(tmp_path):
 
 
 def test_broken_pretrained_directories_are_refused(tmp_path):
-    from jetblocks.checkpoint import CheckpointError
-
-    from jetblocks.checkpoint import write_model_files
+    from jetblocks.checkpoint import CheckpointError, write_model_files
 
     jet = Jet(JetConfig(**SMALL))
     jet.save_pretrained(tmp_path / "jet")

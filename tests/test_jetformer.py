@@ -6,7 +6,7 @@ import torch
 from jetblocks import Jet, JetConfig, bits_per_dim, split_tokens
 from jetblocks.heads import GMMHead
 from jetblocks.jetformer import NoiseCurriculum, image_bits_per_dim
-from jetblocks.train import JetTask, TrainConfig, Trainer
+from jetblocks.train import BitsPerDimTask, TrainConfig, Trainer
 
 TINY = JetConfig(
     image_size=(8, 8),
@@ -93,7 +93,7 @@ def test_gradients_reach_jet_through_the_ar_loss():
     assert loss.shape == (4,) and torch.isfinite(loss).all()
 
 
-class RecordingTask(JetTask):
+class RecordingTask(BitsPerDimTask):
     def __init__(self):
         self.steps = []
 
@@ -101,14 +101,13 @@ class RecordingTask(JetTask):
         self.steps.append(step)
 
 
-def test_trainer_tells_the_task_its_step_and_decays_kernels_only(tmp_path):
+def test_trainer_tells_the_task_its_step_and_takes_the_optimizer_it_is_given(tmp_path):
+    from examples.jetformer.task import jetformer_optimizer
     from jetblocks.integrations.torchdata import image_loader, open_source
 
     torch.manual_seed(0)
     task = RecordingTask()
-    config = TrainConfig(
-        steps=3, batch_size=8, log_every=1, progress=False, decay_kernels_only=True
-    )
+    config = TrainConfig(steps=3, batch_size=8, log_every=1, progress=False)
     trainer = Trainer(
         Jet(TINY),
         task,
@@ -117,6 +116,7 @@ def test_trainer_tells_the_task_its_step_and_decays_kernels_only(tmp_path):
         train_loader=image_loader(open_source("digits", "train"), 8, seed=0),
         eval_batches=None,
         out_dir=tmp_path,
+        optimizer=jetformer_optimizer,
     )
     decayed, rest = trainer.optimizer.param_groups
     assert decayed["weight_decay"] == pytest.approx(config.weight_decay / config.lr)

@@ -12,7 +12,7 @@ import torch
 
 from jetblocks import JetConfig
 from jetblocks.integrations.sentencepiece import EOS_ID, PAD_ID, SentencePieceTokenizer
-from jetblocks.train import parameter_groups
+from jetblocks.train import TrainConfig
 
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
@@ -29,6 +29,7 @@ from examples.jetformer.data import (  # noqa: E402
 from examples.jetformer.model import JetFormer, JetFormerConfig, meta_parameter_counts  # noqa: E402
 from examples.jetformer.presets import PRESETS  # noqa: E402
 from examples.jetformer.sampling import sample_image_tokens  # noqa: E402
+from examples.jetformer.task import jetformer_optimizer  # noqa: E402
 
 SMALL = JetFormerConfig(
     jet=JetConfig(
@@ -273,7 +274,9 @@ def test_dropped_prefixes_are_nolabel_runs_with_repeated_embeddings():
 
 def test_weight_decay_goes_to_kernels_only():
     model = small_model()
-    decayed, rest = parameter_groups(model, kernels_only=True)
+    config = TrainConfig(lr=1e-3, weight_decay=1e-4)
+    decayed, rest = jetformer_optimizer(model, config).param_groups
+    assert decayed["weight_decay"] == pytest.approx(0.1)
     kernels = {id(p) for p in decayed["params"]}
     assert id(model.decoder.blocks[0].mlp.gate.weight) in kernels
     assert id(model.head.proj.weight) in kernels and id(model.image_embed.weight) in kernels

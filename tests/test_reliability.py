@@ -23,7 +23,7 @@ from jetblocks.checkpoint import CheckpointError, read_tensors
 from jetblocks.cli import main
 from jetblocks.integrations.torchdata import open_source
 from jetblocks.testing import perturb_parameters_
-from jetblocks.train import DivergenceError, JetTask, checkpoints_in
+from jetblocks.train import BitsPerDimTask, DivergenceError, checkpoints_in
 
 TRAIN = ["--data", "digits", "--batch-size", "16", "--no-progress", "--eval-batch-size", "100"]
 
@@ -98,7 +98,7 @@ def test_train_refuses_a_directory_holding_another_run(config_file, tmp_path, ca
     assert seeded["train_config"]["seed"] == 1
 
 
-class NaNAfter(JetTask):
+class NaNAfter(BitsPerDimTask):
     """A Jet task whose loss turns NaN from step ``bad`` on (for ``count`` steps)."""
 
     def __init__(self, bad: int, count: int = 10**9) -> None:

@@ -25,9 +25,12 @@ from pathlib import Path
 import torch
 
 from jetblocks.checkpoint import atomic_file, read_json
+from jetblocks.config import add_arguments, arguments_of
 from jetblocks.integrations.images import save_grid
 from jetblocks.likelihood import to_uint8
-from jetblocks.train import TrainConfig, Trainer
+from jetblocks.run_folder import RunFolder
+from jetblocks.train import DivergenceError, TrainConfig, Trainer, TrainingInterrupted
+from jetblocks.validation import GUIDANCE, POSITIVE_INT, SAMPLER, SEED, TEMPERATURE, Number
 
 from .classifier import judged_agreement, predict, train_classifier, train_object_judge
 from .data import describe, digit_of_caption, parse_caption, scene_agreement
@@ -35,7 +38,7 @@ from .model import JetFormer, JetFormerConfig, meta_parameter_counts
 from .presets import PRESETS, preset, with_text_conditioning
 from .run import TOKENIZER_FILE, RunData, load_run, write_run_file
 from .sampling import caption_images, sample_images
-from .task import JetFormerTask, TaskConfig
+from .task import JetFormerTask, TaskConfig, jetformer_optimizer
 
 
 def _device(args) -> str:
@@ -47,22 +50,29 @@ def cmd_train(args) -> dict:
 
     env = init_distributed(args.device)
     out = Path(args.out)
+    run = RunFolder(out, main=env.is_main)
     resuming = args.resume and (out / "run.json").is_file()
+    run.open(resume=args.resume, overwrite=args.overwrite)  # locked before anything is written
+    try:
+        return _train(args, env, run, resuming)
+    finally:
+        run.close()
+
+
+def _train(args, env, run: RunFolder, resuming: bool) -> dict:
+    out = run.path
     if resuming:
         spec = read_json(out / "run.json")["spec"]
+        spec["train"].pop("decay_kernels_only", None)  # runs of earlier versions: now the default
     else:
         spec = preset(args.preset)
-        for key in ("data",):
-            if getattr(args, key) is not None:
-                spec[key] = getattr(args, key)
-        overrides = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr}
-        spec["train"].update({k: v for k, v in overrides.items() if v is not None})
-        if args.bf16:
-            spec["train"]["bf16"] = True
+        if args.data is not None:
+            spec["data"] = args.data
         if args.conditioning == "text" and spec["conditioning"] == "class":
             spec = with_text_conditioning(spec)
         for setting in args.set or ():
             apply_setting(spec, setting)
+    spec["train"].update(arguments_of(args, TrainConfig))  # the flags given (resumable ones)
     tokenizer = None if resuming else args.tokenizer  # a resumed run keeps its own
     data = RunData(spec, out, create_tokenizer=not resuming, tokenizer=tokenizer)
     if env.is_main and not resuming:
@@ -72,13 +82,7 @@ def cmd_train(args) -> dict:
     model_config = data.model_config()
     steps = spec["train"]["steps"]
     train_config = TrainConfig(
-        **{
-            "eval_every": args.eval_every or steps,
-            "checkpoint_every": args.checkpoint_every or steps,
-            **spec["train"],
-            "seed": args.seed,
-            "progress": not args.no_progress,
-        }
+        **{"eval_every": steps, "checkpoint_every": steps, **spec["train"], "seed": args.seed}
     )
     task_config = TaskConfig(
         conditioning=spec["conditioning"], curriculum_steps=steps, **spec["task"]
@@ -93,15 +97,16 @@ def cmd_train(args) -> dict:
         model_config=model_config.to_dict(),
         train_loader=data.loader("train", local, env, args.seed, training=True),
         eval_batches=lambda: data.loader("test", eval_batch, env, args.seed, training=False),
-        out_dir=out,
+        out_dir=run,
         env=env,
+        optimizer=jetformer_optimizer,
     )
     if env.is_main:
         params = sum(p.numel() for p in trainer.model.parameters())
         print(f"JetFormer ({params:,} parameters) on {spec['data']}: {steps} steps of "
               f"{train_config.batch_size} on {env.world_size} x {env.device}")  # fmt: skip
     start = time.perf_counter()
-    result = trainer.fit(resume=args.resume)
+    result = trainer.fit(resume=args.resume, overwrite=args.overwrite)
     summary = {
         "step": trainer.step,
         **{f"eval_{k}": v for k, v in result.items()},
@@ -143,7 +148,9 @@ def _prompts(data: RunData, given: Sequence[str] | None):
     if not given:
         return data.prompts, data.prompt_mask, data.prompt_texts
     if data.tokenizer is None:
-        ids = torch.tensor([[int(c)] for c in given])
+        classes = data.spec["model"]["vocab_size"]
+        rule = Number(int, low=0, high=classes - 1)
+        ids = torch.tensor([[rule.parse(c)] for c in given])
         return ids, torch.ones_like(ids, dtype=torch.bool), list(given)
     ids, _, mask = data.encode(list(given))
     return ids, mask, list(given)
@@ -327,10 +334,6 @@ def build_parser() -> argparse.ArgumentParser:
         "tokenizer.model) instead of one trained from the captions; its vocabulary size must "
         "equal model.vocab_size unless that is null",
     )
-    train.add_argument("--steps", type=int, default=None)
-    train.add_argument("--batch-size", type=int, default=None)
-    train.add_argument("--lr", type=float, default=None)
-    train.add_argument("--bf16", action="store_true")
     train.add_argument(
         "--conditioning",
         choices=("class", "text"),
@@ -343,29 +346,29 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECTION.KEY=VALUE",
         help="override any preset value, e.g. model.dropout=0.1 or task.text_first_prob=0.5",
     )
-    train.add_argument("--eval-every", type=int, default=None)
-    train.add_argument("--checkpoint-every", type=int, default=None)
-    train.add_argument("--eval-batch-size", type=int, default=250)
+    add_arguments(train, TrainConfig, skip=("seed",), defaults=False)
+    train.add_argument("--eval-batch-size", type=POSITIVE_INT.parse, default=250)
     train.add_argument("--out", required=True)
-    train.add_argument("--resume", action="store_true")
-    train.add_argument("--no-progress", action="store_true")
+    existing = train.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true")
+    existing.add_argument("--overwrite", action="store_true")
     train.set_defaults(run=cmd_train)
 
     sample = commands.add_parser("sample", help="PNG grid: one row per class or prompt")
     sample.add_argument("--prompt", action="append", help="a class id or a caption (repeat)")
-    sample.add_argument("--per-prompt", type=int, default=8)
+    sample.add_argument("--per-prompt", type=POSITIVE_INT.parse, default=8)
     sample.add_argument("--no-cache", action="store_true", help="recompute instead of KV cache")
     sample.add_argument("--out", required=True)
     sample.set_defaults(run=cmd_sample)
 
     caption = commands.add_parser("caption", help="caption held-out images (image first)")
-    caption.add_argument("--n", type=int, default=8)
+    caption.add_argument("--n", type=POSITIVE_INT.parse, default=8)
     caption.set_defaults(run=cmd_caption)
 
     measure = commands.add_parser("measure", help="bits/dim, consistency, sampling speed")
-    measure.add_argument("--per-prompt", type=int, default=50)
-    measure.add_argument("--scenes", type=int, default=64)
-    measure.add_argument("--speed-batch", type=int, default=10)
+    measure.add_argument("--per-prompt", type=POSITIVE_INT.parse, default=50)
+    measure.add_argument("--scenes", type=POSITIVE_INT.parse, default=64)
+    measure.add_argument("--speed-batch", type=POSITIVE_INT.parse, default=10)
     measure.set_defaults(run=cmd_measure)
 
     for sub in (sample, caption, measure):
@@ -373,11 +376,11 @@ def build_parser() -> argparse.ArgumentParser:
             "--run", dest="run_dir", required=True, help="a run directory made by train"
         )
     for sub in (sample, measure):
-        sub.add_argument("--guidance", type=float, default=None, help="default: the preset's")
-        sub.add_argument("--temperature", type=float, default=None, help="default: the preset's")
-        sub.add_argument("--sampler", choices=("exact", "rejection"), default=None)
+        sub.add_argument("--guidance", type=GUIDANCE.parse, help="default: the preset's")
+        sub.add_argument("--temperature", type=TEMPERATURE.parse, help="default: the preset's")
+        sub.add_argument("--sampler", choices=SAMPLER.options, default=None)
     for sub in (train, sample, caption, measure):
-        sub.add_argument("--seed", type=int, default=0)
+        sub.add_argument("--seed", type=SEED.parse, default=0)
         sub.add_argument("--device", default=None)
     presets = commands.add_parser("presets", help="print the presets' parameter counts")
     presets.set_defaults(run=cmd_presets)
@@ -385,12 +388,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command; a failure is one line on stderr (exit 2; 130/143 after a signal)."""
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError) as error:
+    except TrainingInterrupted as error:
+        print(f"jetformer {args.command}: {error}", file=sys.stderr)
+        return error.exit_code
+    except (ValueError, TypeError, OSError, DivergenceError) as error:
         print(f"jetformer {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"jetformer {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

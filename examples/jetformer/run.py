@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from jetblocks.checkpoint import load_model_weights, read_json, resolve_checkpoint
+from jetblocks.checkpoint import atomic_file, load_model_weights, read_json, resolve_checkpoint
 from jetblocks.integrations.datasets import BUILTINS, ArraySource
 from jetblocks.integrations.sentencepiece import SentencePieceTokenizer
 from jetblocks.integrations.torchdata import image_loader, open_source
@@ -223,8 +223,9 @@ class RunData:
 
 
 def write_run_file(out_dir: Path, name: str, spec: dict[str, Any]) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "run.json").write_text(json.dumps({"preset": name, "spec": spec}, indent=2))
+    """``out_dir/run.json``: the preset's name and the spec the run trains (atomically)."""
+    with atomic_file(out_dir / "run.json") as staging:
+        staging.write_text(json.dumps({"preset": name, "spec": spec}, indent=2))
 
 
 def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[JetFormer, RunData]:

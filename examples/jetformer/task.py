@@ -15,39 +15,47 @@ Per training example (randomness from the trainer's resumable, rank-aware unifor
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from jetblocks import rng
+from jetblocks.config import Config, setting
 from jetblocks.jetformer import NoiseCurriculum
 from jetblocks.likelihood import dequantize
+from jetblocks.train import TrainConfig, reference_optimizer
+from jetblocks.validation import FLAG, GUIDANCE, NON_NEGATIVE, POSITIVE_INT, Choice, Number
 
 from .sampling import sample_images
 
+_PROBABILITY = Number(float, low=0, high=1)
+
 
 @dataclasses.dataclass
-class TaskConfig:
+class TaskConfig(Config):
     """How a JetFormer is trained and how the trainer's sample grids are drawn."""
 
-    conditioning: str = "class"  # "class" (labels) or "text" (captions)
-    text_first_prob: float = 1.0
-    drop_prob: float = 0.1
-    text_weight: float = 1.0
-    sigma_start: float = 64.0
-    sigma_end: float = 0.0
-    curriculum_steps: int = 1
-    rgb_noise_on_image_prefix: bool = True  # False: captioning rows get no curriculum noise
-    ignore_pad: bool = False  # caption layout (see data.layout_captions)
-    guidance: float = 0.0  # for the sample grids written during training
+    conditioning: str = setting("class", Choice(("class", "text")), "labels or captions")
+    text_first_prob: float = setting(1.0, _PROBABILITY, "share of text-first examples")
+    drop_prob: float = setting(0.1, _PROBABILITY, "prefix dropped (classifier-free guidance)")
+    text_weight: float = setting(1.0, NON_NEGATIVE, "weight of the caption NLL")
+    sigma_start: float = setting(64.0, NON_NEGATIVE, "curriculum noise at step 0")
+    sigma_end: float = setting(0.0, NON_NEGATIVE, "curriculum noise at the last step")
+    curriculum_steps: int = setting(1, POSITIVE_INT, "steps of the noise curriculum")
+    rgb_noise_on_image_prefix: bool = setting(
+        True, FLAG, "False: captioning rows get no curriculum noise"
+    )
+    ignore_pad: bool = setting(False, FLAG, "caption layout (see data.layout_captions)")
+    guidance: float = setting(0.0, GUIDANCE, "for the sample grids written during training")
 
-    def __post_init__(self) -> None:
-        if self.conditioning not in ("class", "text"):
-            raise ValueError(f"conditioning must be 'class' or 'text', got {self.conditioning!r}")
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+def jetformer_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """JetFormer's recipe: the reference optimizer with weight decay on the kernels only
+    (``nn.Linear`` weights; not embeddings, biases, norms or position embeddings)."""
+    kernels = {id(m.weight): m.weight for m in model.modules() if isinstance(m, nn.Linear)}
+    rest = [p for p in model.parameters() if id(p) not in kernels]
+    groups = [{"params": list(kernels.values())}, {"params": rest, "weight_decay": 0.0}]
+    return reference_optimizer(groups, config)
 
 
 def text_of(batch: dict[str, Tensor], ignore_pad: bool) -> tuple[Tensor, Tensor, Tensor | None]:
