@@ -450,12 +450,31 @@ def _plain_dtype(*args) -> np.dtype:
     return dtype
 
 
-def _empty_array(subtype: type, shape: tuple, typecode: bytes) -> np.ndarray:
-    """What numpy pickles an array as: an empty ``ndarray`` whose state is set afterwards
-    (numpy then checks that the state's bytes match its shape and dtype)."""
+def _empty_array(subtype: type, shape: tuple, typecode: bytes) -> _PickledArray:
+    """What numpy pickles an array as (protocols < 5): an empty array whose state (shape,
+    dtype, bytes) is set next; a placeholder takes that state and checks it instead."""
     if subtype is not np.ndarray or shape != (0,):
         raise UnsafePickleError(f"refusing to build an array as {subtype!r} of shape {shape!r}")
-    return np.ndarray(shape, np.uint8)
+    return _PickledArray()
+
+
+class _PickledArray:
+    """An array built from a pickled state only when its bytes match its shape and dtype."""
+
+    array: np.ndarray | None = None
+
+    def __setstate__(self, state: object) -> None:
+        if not (isinstance(state, tuple) and len(state) == 5):
+            raise DataError("a pickled array's state is not (version, shape, dtype, order, data)")
+        _, shape, dtype, fortran, raw = state
+        if not (isinstance(dtype, np.dtype) and isinstance(raw, bytes) and isinstance(shape, tuple)
+                and all(isinstance(n, int) and n >= 0 for n in shape)):  # fmt: skip
+            raise DataError("a pickled array's state has the wrong types")
+        if math.prod(shape) * dtype.itemsize != len(raw):
+            raise DataError(
+                f"a pickled array of shape {list(shape)} and dtype {dtype} holds {len(raw):,} bytes"
+            )
+        self.array = np.frombuffer(raw, dtype).reshape(shape, order="F" if fortran else "C")
 
 
 def _array_from_buffer(buffer: bytes, dtype: np.dtype, shape: tuple, order: str) -> np.ndarray:
@@ -494,7 +513,11 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         ) from None
     if not isinstance(batch, dict):
         raise DataError(f"{path}: expected a dict, got {type(batch).__name__}")
-    batch = {key.decode() if isinstance(key, bytes) else key: value for key, value in batch.items()}
+    batch = {
+        key.decode() if isinstance(key, bytes) else key: value.array
+        if isinstance(value, _PickledArray) else value
+        for key, value in batch.items()
+    }  # fmt: skip
     data, labels = batch.get("data"), batch.get("labels", ())
     if not isinstance(labels, list | np.ndarray) or not all(
         isinstance(label, int | np.integer) for label in labels
