@@ -34,7 +34,7 @@ def train_and_evaluate(bf16: bool, args: argparse.Namespace) -> dict:
         batches, started = iter(trainer.train_loader), time.perf_counter()
         losses = [float(trainer.train_step(batches)) for _ in range(args.steps)]
         seconds = time.perf_counter() - started
-        trainer.config.bf16 = False  # evaluate both models the same way, in float32
+        trainer.config = trainer.config.replace(bf16=False)  # evaluate both in float32
         bpd = trainer.evaluate()["bits_per_dim"]
     return {
         "precision": "bf16" if bf16 else "fp32",

@@ -17,18 +17,30 @@ alternative, e.g. ``sample --out x.jpg`` writing a real JPEG). A case ends in on
 - ``silent_wrong``: the call succeeded but the result is wrong (or the error came too late);
 - ``data_loss``: a file the user had, or a good checkpoint, was deleted, overwritten or
   corrupted;
+- ``security``: a file was written outside the place the user named (a stored name that
+  escaped ``--out``, a link followed out of it) or hostile input ran code; counted like
+  ``data_loss``;
 - ``skipped``: the case cannot run here (e.g. as root, where ``chmod`` does not block
   writes), with the reason.
 
 A case is *as expected* (``ok``) when a ``works`` case works, or an ``error`` case gives a
 clear error (or the accepted alternative). CLI cases run the installed ``jetblocks``
-command in temporary directories, with ``OMP_NUM_THREADS=1``; models are a small Jet
+command in temporary directories, with ``OMP_NUM_THREADS=1`` (where a case is about what
+the command does with a file rather than how the process ends, ``jetblocks.cli.main`` runs
+in this process: the same code without the cost of starting Python); the JetFormer example
+runs as ``python -m examples.jetformer`` from the repository root; models are a small Jet
 (8x8 grayscale, 2x2 patches, 4 couplings) with perturbed weights, data the built-in
 ``digits``. Results go to ``benchmarks/results/reliability.json``.
 
     python benchmarks/reliability.py            # every case (a few minutes on 2 cores)
     python benchmarks/reliability.py --smoke    # a quick subset (about 8 cases)
     python benchmarks/reliability.py --only resume --out /tmp/resume.json
+
+Groups: ``api``, ``config``, ``checkpoint``, ``big_vision``, ``data``, ``cli``, ``kit``,
+``token-metadata`` (names and fields stored in token files), ``example`` (the JetFormer
+example's command), ``autoregressive-heads``, ``concurrency`` (runs sharing a folder),
+``signals`` (SIGTERM/SIGINT to running commands) and ``fuzzed-parsers`` (seeded mutations of
+every file format jetblocks reads).
 """
 
 from __future__ import annotations
@@ -43,14 +55,21 @@ import io
 import json
 import math
 import os
+import pickle
+import pickletools
+import random
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+import traceback
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +77,16 @@ import numpy as np
 import torch
 from torch import nn
 
-OUTCOMES = ("works", "clear_error", "traceback", "silent_wrong", "data_loss", "skipped")
+OUTCOMES = (
+    "works",
+    "clear_error",
+    "traceback",
+    "silent_wrong",
+    "data_loss",
+    "security",
+    "skipped",
+)
+REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results" / "reliability.json"
 SMALL = dict(
     image_size=(8, 8),
@@ -73,7 +101,19 @@ SMALL = dict(
 TRAIN = ("--data", "digits", "--steps", "4", "--batch-size", "16", "--no-progress")
 TRAIN_EVAL = ("--eval-batch-size", "100")
 CLI_ERROR = re.compile(r"^jetblocks( [a-z]+)?: error:")
+EXAMPLE_ERROR = re.compile(r"^(jetformer|python -m examples\.jetformer)( [a-z]+)?: error:")
 STEP4 = "step_00000004"
+# A JetFormer small enough to train 2 steps in a second: a 2-coupling Jet, one decoder block.
+JETFORMER_JET = {**SMALL, "depth": 2}
+TINY_JETFORMER = (
+    "--preset", "cpu-tiny-digits", "--steps", "2", "--batch-size", "8",
+    "--eval-batch-size", "100", "--no-progress",
+    "--set", "model.depth=1", "--set", "model.width=32", "--set", "model.mlp_dim=64",
+    "--set", "model.num_heads=2", "--set", "model.head_dim=16",
+    "--set", "model.num_mixtures=2", "--set", "train.samples_per_temperature=2",
+    "--set", "model.jet=" + json.dumps(JETFORMER_JET),
+)  # fmt: skip
+FUZZ_COUNT = 20  # seeded mutations per parser
 
 
 # -- outcomes ----------------------------------------------------------------------------------
@@ -91,6 +131,11 @@ def wrong(detail: str) -> Verdict:
 
 def lost(detail: str) -> Verdict:
     return Verdict("data_loss", detail)
+
+
+def breach(detail: str) -> Verdict:
+    """A write outside the place the user named, or code run from hostile input."""
+    return Verdict("security", detail)
 
 
 def accepted(detail: str) -> Verdict:
@@ -330,14 +375,19 @@ class Context:
         shutil.copytree(self.base_run(), target)
         return target
 
-    def cli(self, *args: str, cwd: Path | None = None, umask: int | None = None) -> Proc:
+    @staticmethod
+    def env() -> dict[str, str]:
+        """The environment of every process the cases start (one thread each)."""
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         env.pop("PYTHONSTARTUP", None)
+        return env
+
+    def cli(self, *args: str, cwd: Path | None = None, umask: int | None = None) -> Proc:
         try:
             done = subprocess.run(
                 [*self.command, *args],
                 cwd=cwd or self.root,
-                env=env,
+                env=self.env(),
                 capture_output=True,
                 text=True,
                 timeout=600,
@@ -348,21 +398,72 @@ class Context:
             raise Verdict("traceback", f"command timed out: {' '.join(args)}") from error
         return Proc(done.returncode, done.stdout, done.stderr)
 
+    def cli_here(self, *args: str, cwd: Path | None = None) -> Proc:
+        """``jetblocks ARGS`` as ``jetblocks.cli.main`` in this process, from ``cwd``; what
+        it prints is captured (an exception that escapes ``main`` lands on its stderr)."""
+        from jetblocks import cli
 
-def require_success(proc: Proc) -> None:
-    """Return if the command exited 0; else end the case with its classified failure."""
+        out, err, previous = io.StringIO(), io.StringIO(), os.getcwd()
+        try:
+            os.chdir(cwd or self.root)
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                try:
+                    code = cli.main(list(args))
+                except SystemExit as stop:  # argparse
+                    code = stop.code if isinstance(stop.code, int) else 1
+                except Exception:
+                    traceback.print_exc()
+                    code = 1
+        finally:
+            os.chdir(previous)
+        return Proc(code, out.getvalue(), err.getvalue())
+
+    def example(self, *args: str) -> Proc:
+        """``python -m examples.jetformer ARGS`` from the repository root."""
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "examples.jetformer", *args],
+                cwd=REPO,
+                env=self.env(),
+                capture_output=True,
+                text=True,
+                timeout=600,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as error:
+            raise Verdict("traceback", f"example timed out: {' '.join(args)}") from error
+        return Proc(done.returncode, done.stdout, done.stderr)
+
+    def jetformer_run(self, text: bool = False) -> Path:
+        """A 2-step run of the tiny JetFormer on digits, conditioned on the class or (``text``)
+        on captions with its own tokenizer (read-only: copy it to change it)."""
+
+        def build() -> Path:
+            out = self.root / f"fixture-jetformer-{'text' if text else 'class'}"
+            conditioning = ("--conditioning", "text") if text else ()
+            proc = self.example("train", *TINY_JETFORMER, *conditioning, "--out", str(out))
+            if proc.returncode != 0:
+                raise RuntimeError(f"training failed: {proc.last_line}")
+            return out
+
+        return self._cached(f"jetformer {'text' if text else 'class'} run", build)
+
+
+def require_success(proc: Proc, pattern: re.Pattern = CLI_ERROR) -> None:
+    """Return if the command exited 0; else end the case with its classified failure
+    (``pattern``: what a clear error line starts with)."""
     if proc.returncode == 0:
         return
     if "Traceback" in proc.stderr:
         raise Verdict("traceback", f"exit {proc.returncode}, traceback: {proc.last_line}")
-    if CLI_ERROR.match(proc.last_line):
+    if pattern.match(proc.last_line):
         raise Verdict("clear_error", proc.last_line)
     raise Verdict("traceback", f"exit {proc.returncode}, no error line: {proc.last_line!r}")
 
 
-def cli_error(proc: Proc) -> str:
+def cli_error(proc: Proc, pattern: re.Pattern = CLI_ERROR) -> str:
     """For ``error`` cases: end with the classified error; if it exited 0, return a detail."""
-    require_success(proc)
+    require_success(proc, pattern)
     return f"exit 0; stdout: {one_line(proc.stdout, 120)}"
 
 
@@ -1657,6 +1758,1471 @@ def kit_jet_float32(ctx: Context) -> str:
 
     config = JetConfig(**{**SMALL, "image_size": (4, 4), "depth": 2})
     return _check(lambda: Jet(config), event_shape=(1, 4, 4), dtype=torch.float32, max_examples=8)
+
+
+# == token files: stored names and fields ======================================================
+def _encoded(ctx: Context, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens of ``count`` distinct random images, and the pixels decode gives back for them."""
+    from jetblocks import to_uint8
+
+    jet = ctx.jet()
+    with torch.no_grad():
+        tokens = jet.encode(ctx.pixels(count, seed=7))[0]
+        return tokens, to_uint8(jet.decode(tokens))
+
+
+def _raw_token_file(path: Path, tensors: dict[str, torch.Tensor], header: dict[str, str]) -> Path:
+    """A token file as anyone could write it: whatever tensors and header fields, with the
+    jetblocks marker and a matching digest (nothing checked)."""
+    from jetblocks.checkpoint import write_tensors
+
+    write_tensors(path, tensors, header)
+    return path
+
+
+def _token_tensors(tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    count = len(tokens)
+    return {"tokens": tokens, "index": torch.arange(count), "label": torch.full((count,), -1)}
+
+
+def _entries_outside(case: Path, out: Path) -> dict[str, str]:
+    """Every file, folder and link under ``case`` but not under ``out`` (by relative name:
+    a digest, ``dir`` or ``link``); links are not followed."""
+    found: dict[str, str] = {}
+    for folder, dirs, files in os.walk(case, followlinks=False):
+        here = Path(folder)
+        if here == out or out in here.parents:
+            dirs.clear()
+            continue
+        for name in [*dirs, *files]:
+            path = here / name
+            if path == out:
+                continue
+            key = str(path.relative_to(case))
+            if path.is_symlink():
+                found[key] = f"link to {os.readlink(path)}"
+            elif path.is_dir():
+                found[key] = "dir"
+            else:
+                found[key] = _sha256(path)
+    return found
+
+
+def _decode_into(
+    ctx: Context, case: Path, tokens: Path, out: Path, probes: tuple[Path, ...] = ()
+) -> Proc:
+    """``jetblocks decode --tokens TOKENS --out OUT`` from ``case``; a security breach ends the
+    case if anything under ``case`` outside ``out``, or a ``probes`` path, appeared or
+    changed."""
+    before, probed = _entries_outside(case, out), {p: p.exists() for p in probes}
+    checkpoint = str(ctx.pretrained())
+    proc = ctx.cli_here(
+        "decode", "--checkpoint", checkpoint, "--tokens", str(tokens), "--out", str(out), cwd=case
+    )
+    after = _entries_outside(case, out)
+    escaped = sorted(set(after) - set(before)) + [k for k in before if after.get(k) != before[k]]
+    escaped += [str(p) for p, existed in probed.items() if p.exists() and not existed]
+    if escaped:
+        raise breach(f"decode wrote outside --out: {escaped[:4]} (exit {proc.returncode})")
+    return proc
+
+
+def _written_files(out: Path) -> list[Path]:
+    if not out.is_dir():
+        return []
+    return sorted(p for p in out.rglob("*") if p.is_file() or p.is_symlink())
+
+
+def _check_written(
+    out: Path,
+    names: list[Any],
+    expected: torch.Tensor,
+    markers: list[str | None] | None = None,
+) -> str:
+    """Each of the ``names``' images is in its own PNG inside ``out`` holding its pixels; a
+    ``markers[i]`` must appear in image ``i``'s file name (without its ``.png``)."""
+    from PIL import Image
+
+    written = _written_files(out)
+    shown = [one_line(repr(str(p.relative_to(out))), 60) for p in written]
+    if len(written) < len(names):
+        raise lost(f"{len(names)} images but {len(written)} file(s) {shown}: one replaced another")
+    if len(written) > len(names):
+        raise wrong(f"{len(names)} images but {len(written)} files: {shown}")
+    holder: dict[int, Path] = {}
+    for path in written:
+        relative = path.relative_to(out)
+        if any(ord(c) < 32 or c == "\x7f" for c in str(relative)):
+            raise wrong(f"a written file name holds control characters: {str(relative)!r}")
+        if any(len(part.encode()) > 255 for part in relative.parts):
+            raise wrong(f"a written file name part is longer than 255 bytes: {str(relative)!r}")
+        pixels = np.asarray(Image.open(path))
+        same = [i for i in range(len(names)) if np.array_equal(pixels, expected[i, 0].numpy())]
+        if len(same) != 1 or same[0] in holder:
+            raise wrong(f"{relative} does not hold exactly one of the images (matches {same})")
+        holder[same[0]] = relative
+    for i, marker in enumerate(markers or []):
+        stem = str(holder[i].with_suffix(""))
+        if marker is not None and marker not in stem:
+            raise wrong(f"the image of {names[i]!r} is in {str(holder[i])!r}")
+    return "wrote " + ", ".join(shown)
+
+
+def _hostile_names(
+    ctx: Context,
+    names: list[str],
+    *,
+    markers: list[str | None] | None = None,
+    probes: tuple[Path, ...] = (),
+) -> str:
+    """Decode a token file whose header holds ``names`` into a fresh ``case/deep/er/out``."""
+    case = ctx.dir("names")
+    out = case / "deep" / "er" / "out"
+    out.parent.mkdir(parents=True)
+    names = [name.replace("{case}", str(case)) for name in names]
+    tokens, expected = _encoded(ctx, len(names))
+    path = _raw_token_file(
+        case / "tokens.safetensors", _token_tensors(tokens), {"names": json.dumps(names)}
+    )
+    require_success(_decode_into(ctx, case, path, out, probes))
+    return _check_written(out, names, expected, markers)
+
+
+@case("token-metadata", "works")
+def names_dot_dot(ctx: Context) -> str:
+    """A token file's stored name ../escaped_0.png (and ../../escaped_1.png) decodes inside --out:
+    nothing is written outside it."""
+    return _hostile_names(ctx, ["../escaped_0.png", "../../escaped_1.png"], markers=["0", "1"])
+
+
+@case("token-metadata", "works")
+def names_absolute(ctx: Context) -> str:
+    """Absolute stored names (/tmp/x/abs.png, a path beside --out) decode inside --out."""
+    probe = Path("/tmp/x/abs.png")
+    names = ["/tmp/x/abs.png", "{case}/elsewhere/abs2.png"]
+    return _hostile_names(ctx, names, markers=["abs", "abs2"], probes=(probe,))
+
+
+@case("token-metadata", "works")
+def names_nul_byte(ctx: Context) -> str:
+    """A stored name holding NUL (nul\\x00byte.png) decodes to a file without it."""
+    return _hostile_names(ctx, ["nul\x00byte.png", "other.png"], markers=["byte", "other"])
+
+
+@case("token-metadata", "works")
+def names_control_chars(ctx: Context) -> str:
+    """Stored names with terminal escapes and bell (\\x1b[31mred\\x07.png) decode to clean
+    names."""
+    return _hostile_names(ctx, ["\x1b[31mred\x07.png", "tab\there.png"], markers=["red", "here"])
+
+
+@case("token-metadata", "works")
+def names_backslashes(ctx: Context) -> str:
+    """A Windows-style name ..\\..\\x.png cannot climb out of --out."""
+    return _hostile_names(ctx, ["..\\..\\x.png", "a\\..\\..\\y.png"], markers=["x", "y"])
+
+
+@case("token-metadata", "works")
+def names_1000_chars(ctx: Context) -> str:
+    """1000-character stored names decode to files the file system accepts (cut, distinct)."""
+    return _hostile_names(ctx, ["n" * 1000 + ".png", "n" * 999 + "m.png"])
+
+
+@case("token-metadata", "works")
+def names_unusable(ctx: Context) -> str:
+    """Stored names with nothing usable (.., an empty string) fall back to the image index."""
+    return _hostile_names(ctx, ["..", ""])
+
+
+@case("token-metadata", "works")
+def names_case_collision(ctx: Context) -> str:
+    """Cat.png and cat.png decode to two files (they would be one on a case-insensitive disk)."""
+    return _hostile_names(ctx, ["Cat.png", "cat.png"], markers=["Cat", "cat"])
+
+
+@case("token-metadata", "works")
+def names_file_and_folder(ctx: Context) -> str:
+    """Stored names x and x.png/y.png (a file where the other needs a folder) both decode."""
+    return _hostile_names(ctx, ["x", "x.png/y.png"], markers=[None, "y"])
+
+
+@case("token-metadata", "error", mentions=("link",))
+def names_symlinked_subfolder(ctx: Context) -> str:
+    """--out holds sub -> a folder outside; a stored name sub/x.png must not be written through
+    the link (refused, or written elsewhere inside --out)."""
+    case = ctx.dir("link")
+    outside, out = case / "outside", case / "out"
+    outside.mkdir()
+    out.mkdir()
+    (out / "sub").symlink_to(outside, target_is_directory=True)
+    tokens, _ = _encoded(ctx, 2)
+    names = ["first.png", "sub/x.png"]
+    path = _raw_token_file(
+        case / "t.safetensors", _token_tensors(tokens), {"names": json.dumps(names)}
+    )
+    proc = _decode_into(ctx, case, path, out)
+    if list(outside.iterdir()):
+        raise breach(f"decode wrote through the link: {[p.name for p in outside.iterdir()]}")
+    if proc.returncode == 0:
+        files = [p for p in _written_files(out) if not p.is_symlink()]
+        raise accepted(f"did not follow the link; wrote {[str(p.relative_to(out)) for p in files]}")
+    return cli_error(proc)
+
+
+def _encode_folder_then_decode(ctx: Context, files: dict[str, str]) -> str:
+    """``jetblocks encode`` an image folder holding ``files`` (name -> marker its decoded
+    file must carry), then ``jetblocks decode`` into a folder."""
+    from PIL import Image
+
+    from jetblocks import to_uint8
+    from jetblocks.tokenfile import read_token_file
+
+    case = ctx.dir("stems")
+    folder, tokens, out = case / "images", case / "t.safetensors", case / "decoded"
+    rng = np.random.default_rng(0)
+    for name in files:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(
+            folder / name, quality=95
+        )
+    checkpoint = str(ctx.pretrained())
+    args = ("--data", str(folder), "--split", "all", "--out", str(tokens))
+    require_success(ctx.cli_here("encode", "--checkpoint", checkpoint, *args, cwd=case))
+    contents = read_token_file(tokens)
+    if sorted(contents.names or []) != sorted(files):
+        raise wrong(f"encode stored the names {contents.names}, expected {sorted(files)}")
+    with torch.no_grad():
+        expected = to_uint8(ctx.jet().decode(contents.tokens))
+    require_success(_decode_into(ctx, case, tokens, out))
+    markers = [files[name] for name in contents.names]
+    return _check_written(out, contents.names, expected, markers)
+
+
+@case("token-metadata", "works")
+def names_same_stem(ctx: Context) -> str:
+    """An image folder holding cat.png and cat.jpg: encode, then decode into a folder gives two
+    files, each holding its own image."""
+    return _encode_folder_then_decode(ctx, {"cat.png": "png", "cat.jpg": "jpg"})
+
+
+@case("token-metadata", "works")
+def names_same_stem_subfolder(ctx: Context) -> str:
+    """a/x.png and a/x.jpg (in a subfolder) decode to two files, each holding its own image."""
+    return _encode_folder_then_decode(ctx, {"a/x.png": "png", "a/x.jpg": "jpg"})
+
+
+@case("token-metadata", "error", mentions=("b.png|exist",))
+def names_existing_file(ctx: Context) -> str:
+    """decode into a folder where a stored name's file exists already: refused, the user's file
+    kept."""
+    case = ctx.dir("exists")
+    out = case / "out"
+    out.mkdir()
+    (out / "b.png").write_bytes(b"the user's own picture")
+    tokens, expected = _encoded(ctx, 2)
+    names = json.dumps(["a.png", "b.png"])
+    path = _raw_token_file(case / "t.safetensors", _token_tensors(tokens), {"names": names})
+    proc = _decode_into(ctx, case, path, out)
+    if (out / "b.png").read_bytes() != b"the user's own picture":
+        raise lost("decode replaced the existing b.png")
+    if proc.returncode == 0:
+        return _check_written(out, ["a.png", "b.png"], expected)
+    return cli_error(proc)
+
+
+def _bad_token_file(
+    ctx: Context,
+    *,
+    tensors: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+    header: dict[str, str] | None = None,
+    raw: Callable[[bytes], bytes] | None = None,
+) -> str:
+    """decode of ``bad.safetensors``: 2 images' tokens, with ``tensors`` changed, ``header``
+    fields set or the bytes changed by ``raw``."""
+    case = ctx.dir("badtok")
+    tokens, _ = _encoded(ctx, 2)
+    content = _token_tensors(tokens)
+    path = _raw_token_file(
+        case / "bad.safetensors", tensors(content) if tensors else content, header or {}
+    )
+    if raw is not None:
+        path.write_bytes(raw(path.read_bytes()))
+    out = case / "out"
+    proc = _decode_into(ctx, case, path, out)
+    if proc.returncode == 0:
+        return f"decoded into {[str(p.relative_to(out)) for p in _written_files(out)]}"
+    return cli_error(proc)
+
+
+@case("token-metadata", "error", mentions=("bad.safetensors", "names"))
+def names_not_json(ctx: Context) -> str:
+    """A token file whose 'names' header field is not JSON is refused naming file and field."""
+    return _bad_token_file(ctx, header={"names": "not json ["})
+
+
+@case("token-metadata", "error", mentions=("bad.safetensors", "names"))
+def names_wrong_length(ctx: Context) -> str:
+    """One stored name for two images is refused naming the field."""
+    return _bad_token_file(ctx, header={"names": json.dumps(["only.png"])})
+
+
+@case("token-metadata", "error", mentions=("bad.safetensors", "names"))
+def names_not_strings(ctx: Context) -> str:
+    """Stored names that are not strings ([1, null]) are refused naming the field."""
+    return _bad_token_file(ctx, header={"names": json.dumps([1, None])})
+
+
+@case("token-metadata", "error", mentions=("bad.safetensors", "names"))
+def names_not_a_list(ctx: Context) -> str:
+    """A 'names' field holding a JSON object instead of a list is refused."""
+    return _bad_token_file(ctx, header={"names": json.dumps({"0": "a.png", "1": "b.png"})})
+
+
+@case("token-metadata", "error", mentions=("bad.safetensors", "config"))
+def header_config_not_object(ctx: Context) -> str:
+    """A 'config' header field that is a JSON list is refused naming the field."""
+    return _bad_token_file(ctx, header={"config": "[1, 2]"})
+
+
+@case("token-metadata", "error", mentions=("bad.safetensors", "index"))
+def index_not_distinct(ctx: Context) -> str:
+    """An 'index' that repeats a position ([0, 0]) is refused (two images, one file)."""
+    return _bad_token_file(ctx, tensors=lambda t: {**t, "index": torch.zeros(2, dtype=torch.long)})
+
+
+@case("token-metadata", "error", mentions=("bad.safetensors", "index"))
+def index_negative(ctx: Context) -> str:
+    """A negative 'index' is refused."""
+    return _bad_token_file(ctx, tensors=lambda t: {**t, "index": torch.tensor([-1, 0])})
+
+
+@case("token-metadata", "error", mentions=("bad.safetensors", "index"))
+def index_float(ctx: Context) -> str:
+    """A float 'index' is refused."""
+    return _bad_token_file(ctx, tensors=lambda t: {**t, "index": torch.tensor([0.0, 1.0])})
+
+
+@case("token-metadata", "error", mentions=("bad.safetensors", "tokens"))
+def tokens_int_dtype(ctx: Context) -> str:
+    """'tokens' of an integer dtype are refused naming the tensor."""
+    return _bad_token_file(ctx, tensors=lambda t: {**t, "tokens": t["tokens"].to(torch.int32)})
+
+
+@case("token-metadata", "error", mentions=("bad.safetensors", "tokens"))
+def tokens_nan(ctx: Context) -> str:
+    """'tokens' holding NaN are refused (not decoded into garbage images)."""
+
+    def poison(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        tokens = t["tokens"].clone()
+        tokens[1, 3, 2] = float("nan")
+        return {**t, "tokens": tokens}
+
+    return _bad_token_file(ctx, tensors=poison)
+
+
+@case("token-metadata", "error", mentions=("bad.safetensors", "tokens"))
+def tokens_missing(ctx: Context) -> str:
+    """A safetensors file without 'tokens' (someone's weights) is refused naming the file."""
+    return _bad_token_file(ctx, tensors=lambda t: {"weight": t["tokens"]})
+
+
+@case("token-metadata", "error", mentions=("bad.safetensors",))
+def header_huge(ctx: Context) -> str:
+    """A token file declaring a 100 MB header (on a few KB of bytes) is refused naming the file,
+    without reading 100 MB."""
+    return _bad_token_file(ctx, raw=lambda data: struct.pack("<Q", 100_000_000) + data[8:])
+
+
+@case("token-metadata", "error", mentions=("bad.safetensors",))
+def header_length_past_end(ctx: Context) -> str:
+    """A declared header length just past the end of the file is refused naming the file."""
+    return _bad_token_file(ctx, raw=lambda data: struct.pack("<Q", len(data)) + data[8:])
+
+
+@case("token-metadata", "error", mentions=("bad.safetensors",))
+def token_file_truncated(ctx: Context) -> str:
+    """A truncated token file is refused naming the file."""
+    return _bad_token_file(ctx, raw=lambda data: data[: len(data) - len(data) // 3])
+
+
+# == the JetFormer example's command ===========================================================
+def _example_error(ctx: Context, *args: str) -> str:
+    return cli_error(ctx.example(*args), EXAMPLE_ERROR)
+
+
+@case("example", "error", mentions=("--n",))
+def example_caption_n_negative(ctx: Context) -> str:
+    """python -m examples.jetformer caption --n -2 is refused naming --n."""
+    return _example_error(ctx, "caption", "--run", str(ctx.jetformer_run()), "--n", "-2")
+
+
+def _example_sample(ctx: Context, *args: str) -> str:
+    out = ctx.dir("exsample") / "grid.png"
+    return _example_error(
+        ctx, "sample", "--run", str(ctx.jetformer_run()), "--out", str(out), *args
+    )
+
+
+@case("example", "error", mentions=("guidance",))
+def example_sample_guidance_nan(ctx: Context) -> str:
+    """sample --guidance nan is refused naming guidance."""
+    return _example_sample(ctx, "--guidance", "nan")
+
+
+@case("example", "error", mentions=("temperature",))
+def example_sample_temperature_negative(ctx: Context) -> str:
+    """sample --temperature -1 is refused naming temperature."""
+    return _example_sample(ctx, "--temperature", "-1")
+
+
+@case("example", "error", mentions=("per-prompt",))
+def example_sample_per_prompt_zero(ctx: Context) -> str:
+    """sample --per-prompt 0 is refused naming --per-prompt."""
+    return _example_sample(ctx, "--per-prompt", "0")
+
+
+@case("example", "error", mentions=("42",))
+def example_sample_class_out_of_range(ctx: Context) -> str:
+    """sample --prompt 42 on a 10-class run is refused in one line naming 42 and the classes."""
+    return _example_sample(ctx, "--prompt", "42", "--per-prompt", "1")
+
+
+@case("example", "works")
+def example_sample_class(ctx: Context) -> str:
+    """sample --prompt 3 --per-prompt 2 writes one row of two images."""
+    from PIL import Image
+
+    out = ctx.dir("exsample") / "grid.png"
+    args = ("--prompt", "3", "--per-prompt", "2", "--out", str(out))
+    require_success(ctx.example("sample", "--run", str(ctx.jetformer_run()), *args), EXAMPLE_ERROR)
+    size = Image.open(out).size
+    if size != (16, 8):
+        raise wrong(f"a grid of {size[0]}x{size[1]} pixels, expected one row of two 8x8 images")
+    return "one row of two images"
+
+
+@case("example", "error", mentions=("tokenizer.model",))
+def example_corrupt_tokenizer(ctx: Context) -> str:
+    """caption on a text run whose tokenizer.model is garbage is refused naming the file."""
+    run = ctx.dir("extext") / "run"
+    shutil.copytree(ctx.jetformer_run(text=True), run)
+    (run / "tokenizer.model").write_bytes(random.Random(0).randbytes(300))
+    return _example_error(ctx, "caption", "--run", str(run), "--n", "2")
+
+
+def _example_train(ctx: Context, *args: str) -> str:
+    out = ctx.dir("extrain") / "run"
+    return _example_error(ctx, "train", *TINY_JETFORMER, *args, "--out", str(out))
+
+
+@case("example", "error", mentions=("steps",))
+def example_train_steps_zero(ctx: Context) -> str:
+    """train --steps 0 is refused naming steps."""
+    return _example_train(ctx, "--steps", "0")
+
+
+@case("example", "error", mentions=("lr",))
+def example_train_lr_negative(ctx: Context) -> str:
+    """train --lr -1 is refused naming lr."""
+    return _example_train(ctx, "--lr", "-1")
+
+
+@case("example", "error", mentions=("seed",))
+def example_train_seed_negative(ctx: Context) -> str:
+    """train --seed -1 is refused naming seed."""
+    return _example_train(ctx, "--seed", "-1")
+
+
+@case("example", "error", mentions=("in use",))
+def example_two_trains_one_out(ctx: Context) -> str:
+    """A second train into the --out of a running one is refused naming the holding process; the
+    first keeps running."""
+    out = ctx.dir("extwo") / "run"
+    command = [sys.executable, "-m", "examples.jetformer", "train", *TINY_JETFORMER]
+    long_run = ("--steps", "100000", "--log-every", "100000")
+    with _background(ctx, [*command, *long_run, "--out", str(out)], cwd=REPO) as first:
+        _wait_until(first, lambda: _holds_lock(out, first.pid), "the first train to lock --out")
+        second = ctx.example("train", *TINY_JETFORMER, "--out", str(out))
+        if first.poll() is not None:
+            raise wrong(f"the first train stopped (exit {first.returncode}) during the second")
+    _names_holder(second, first.pid, EXAMPLE_ERROR)
+    return cli_error(second, EXAMPLE_ERROR)
+
+
+# == background processes ======================================================================
+@contextlib.contextmanager
+def _background(ctx: Context, command: list[str], cwd: Path | None = None) -> Iterator[Any]:
+    """A process started here, killed (by its handle) if it still runs when the block ends."""
+    proc = subprocess.Popen(
+        command,
+        cwd=cwd or ctx.root,
+        env=ctx.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        with contextlib.suppress(Exception):
+            proc.communicate(timeout=60)
+
+
+def _wait_until(proc: Any, ready: Callable[[], bool], what: str, timeout: float = 300) -> None:
+    """Poll ``ready`` while ``proc`` runs; a process that ends first ends the case."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            ended = Proc(proc.returncode, out, err)
+            if ended.returncode == 0:
+                raise skip(f"the process finished before {what}")
+            require_success(ended, re.compile(f"{CLI_ERROR.pattern}|{EXAMPLE_ERROR.pattern}"))
+        if time.monotonic() > deadline:
+            raise Verdict("traceback", f"waited {timeout:.0f} s for {what}")
+        time.sleep(0.05)
+
+
+def _names_holder(proc: Proc, pid: int, pattern: re.Pattern = CLI_ERROR) -> None:
+    """A clear refusal that does not name the holding process ``pid`` is unclear."""
+    clear = pattern.match(proc.last_line) and "Traceback" not in proc.stderr
+    if proc.returncode != 0 and clear and f"process {pid}" not in proc.last_line:
+        raise Verdict("traceback", f"does not name process {pid}: {proc.last_line}")
+
+
+def _holds_lock(run: Path, pid: int) -> bool:
+    try:
+        return json.loads((run / ".lock").read_text()).get("pid") == pid
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _logged_steps(run: Path) -> list[int]:
+    """The steps of the loss records of ``run/metrics.jsonl`` (a torn last line skipped)."""
+    path, steps = run / "metrics.jsonl", []
+    text = path.read_text() if path.is_file() else ""
+    for line in text.splitlines():
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            if isinstance(record, dict) and "loss" in record:
+                steps.append(record["step"])
+    return steps
+
+
+def _catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler for ``signum`` (Linux: /proc/PID/status)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) & (1 << (signum - 1)))
+    except OSError:
+        pass
+    return False
+
+
+# == autoregressive models and their heads =====================================================
+class RunningMean(nn.Module):
+    """A causal decoder: ``h_t = tanh(W x_t + mean(x_0 .. x_t))``; no KV cache."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(3)
+        self.proj = nn.Linear(width, width)
+        with torch.no_grad():
+            self.proj.weight.copy_(0.3 * torch.randn(width, width, generator=generator))
+
+    def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        total = x.cumsum(1)
+        count = torch.arange(1, x.shape[1] + 1, dtype=x.dtype).view(1, -1, 1)
+        if cache is not None:
+            total, count = total + cache["sum"], count + cache["count"]
+            cache["sum"], cache["count"] = total[:, -1:], count[:, -1:]
+        return torch.tanh(self.proj(x) + total / count)
+
+
+class CachedRunningMean(RunningMean):
+    """:class:`RunningMean` with a cache: the running sum and count of earlier positions."""
+
+    def new_cache(self, max_len: int) -> dict:
+        return {"sum": 0.0, "count": 0}
+
+
+def _ar_parts(batch: int = 2, width: int = 8, dim: int = 3) -> tuple[Any, nn.Module, torch.Tensor]:
+    """A seeded GMM head, an embedding of its tokens and a prefix ``[batch, 2, width]``."""
+    from jetblocks import GMMHead
+
+    torch.manual_seed(0)
+    head, embed = GMMHead(width, 2, dim), nn.Linear(dim, width)
+    prefix = torch.randn(batch, 2, width, generator=torch.Generator().manual_seed(1))
+    return head, embed, prefix
+
+
+def _soft_tokens(decoder: nn.Module, count: int = 5, **options: Any) -> torch.Tensor:
+    from jetblocks.autoregressive import sample_soft_tokens
+
+    head, embed, prefix = _ar_parts()
+    generator = torch.Generator().manual_seed(2)
+    return sample_soft_tokens(decoder, head, embed, prefix, count, generator=generator, **options)
+
+
+@case("autoregressive-heads", "error", mentions=("num_mixtures",))
+def gmm_head_zero_mixtures(ctx: Context) -> str:
+    """GMMHead(8, 0, 4) (no mixture components) is refused naming num_mixtures."""
+    from jetblocks import GMMHead
+
+    return f"built {GMMHead(8, 0, 4)}"
+
+
+@case("autoregressive-heads", "error", mentions=(r"\bdim\b",))
+def gmm_head_negative_dim(ctx: Context) -> str:
+    """GMMHead(8, 2, -3) is refused naming dim."""
+    from jetblocks import GMMHead
+
+    return f"built {GMMHead(8, 2, -3)}"
+
+
+@case("autoregressive-heads", "error", mentions=("temperature",))
+def gmm_sample_temperature_negative(ctx: Context) -> str:
+    """GMMHead.sample(h, temperature=-1) is refused naming temperature."""
+    head, _, _ = _ar_parts()
+    return f"sampled {list(head.sample(torch.randn(2, 3, 8), temperature=-1.0).shape)}"
+
+
+@case("autoregressive-heads", "error", mentions=("temperature",))
+def gmm_sample_temperature_nan(ctx: Context) -> str:
+    """GMMHead.sample(h, temperature=nan) is refused naming temperature."""
+    head, _, _ = _ar_parts()
+    tokens = head.sample(torch.randn(2, 3, 8), temperature=float("nan"))
+    return f"sampled, finite: {bool(torch.isfinite(tokens).all())}"
+
+
+@case("autoregressive-heads", "error", mentions=("GMMHead", r"\b8\b"))
+def gmm_head_wrong_width(ctx: Context) -> str:
+    """Hidden states of the wrong width into a GMMHead are refused naming the width."""
+    head, _, _ = _ar_parts()
+    return f"mixture of {list(head(torch.randn(2, 3, 6)).means.shape)}"
+
+
+@case("autoregressive-heads", "error", mentions=("shape",))
+def sample_guided_shape_mismatch(ctx: Context) -> str:
+    """sample_guided with conditional and unconditional mixtures of different shapes is refused."""
+    from jetblocks import sample_guided
+
+    head, _, _ = _ar_parts()
+    h = torch.randn(2, 3, 8)
+    return f"sampled {list(sample_guided(head(h), head(h[:, :2]), 2.0).shape)}"
+
+
+@case("autoregressive-heads", "error", mentions=("guidance",))
+def soft_tokens_guidance_nan(ctx: Context) -> str:
+    """sample_soft_tokens(..., guidance=nan) is refused naming guidance."""
+    _, _, prefix = _ar_parts()
+    tokens = _soft_tokens(RunningMean(), guidance=float("nan"), uncond_prefix=prefix.clone())
+    return f"sampled, finite: {bool(torch.isfinite(tokens).all())}"
+
+
+@case("autoregressive-heads", "error", mentions=("uncond_prefix",))
+def soft_tokens_guidance_without_uncond(ctx: Context) -> str:
+    """Guidance without an unconditional prefix is refused naming uncond_prefix."""
+    return f"sampled {list(_soft_tokens(RunningMean(), guidance=2.0).shape)}"
+
+
+@case("autoregressive-heads", "error", mentions=("sampler",))
+def soft_tokens_unknown_sampler(ctx: Context) -> str:
+    """sample_soft_tokens(sampler='fancy') is refused naming the sampler."""
+    _, _, prefix = _ar_parts()
+    options = dict(guidance=2.0, uncond_prefix=prefix.clone(), sampler="fancy")
+    return f"sampled {list(_soft_tokens(RunningMean(), **options).shape)}"
+
+
+@case("autoregressive-heads", "works")
+def soft_tokens_zero(ctx: Context) -> str:
+    """sample_soft_tokens with 0 tokens returns the empty [B, 0, d]."""
+    tokens = _soft_tokens(RunningMean(), count=0)
+    if tuple(tokens.shape) != (2, 0, 3):
+        raise wrong(f"shape {list(tokens.shape)}, expected [2, 0, 3]")
+    return "shape [2, 0, 3]"
+
+
+@case("autoregressive-heads", "works")
+def soft_tokens_decoder_without_cache(ctx: Context) -> str:
+    """A decoder without new_cache samples with the default use_cache, giving the tokens of
+    use_cache=False."""
+    default, recomputed = _soft_tokens(RunningMean()), _soft_tokens(RunningMean(), use_cache=False)
+    if default.shape != (2, 5, 3) or not torch.equal(default, recomputed):
+        raise wrong(f"default {list(default.shape)} differs from use_cache=False")
+    return "same tokens as use_cache=False"
+
+
+@case("autoregressive-heads", "error", mentions=("new_cache",))
+def soft_tokens_use_cache_without_cache(ctx: Context) -> str:
+    """use_cache=True on a decoder without new_cache is a clear TypeError naming new_cache."""
+    return f"sampled {list(_soft_tokens(RunningMean(), use_cache=True).shape)}"
+
+
+@case("autoregressive-heads", "works")
+def soft_tokens_cache_matches_recompute(ctx: Context) -> str:
+    """A decoder with a cache samples (by default with it) the tokens of full recomputation."""
+    cached, recomputed = (
+        _soft_tokens(CachedRunningMean(), count=6, use_cache=use) for use in (None, False)
+    )
+    error = (cached - recomputed).abs().max().item()
+    if cached.shape != (2, 6, 3) or error > 1e-4:
+        raise wrong(f"cached tokens differ from recomputed ones by {error:.3g}")
+    return f"max difference {error:.2g}"
+
+
+@case("autoregressive-heads", "error", mentions=("keep",))
+def split_tokens_float_keep(ctx: Context) -> str:
+    """split_tokens(t, 2.0) is refused naming keep (not silently sliced)."""
+    from jetblocks import split_tokens
+
+    kept, rest = split_tokens(torch.zeros(2, 16, 4), 2.0)
+    return f"split into {list(kept.shape)} and {list(rest.shape)}"
+
+
+@case("autoregressive-heads", "error", mentions=("batch",))
+def image_bpd_batch_mismatch(ctx: Context) -> str:
+    """image_bits_per_dim with gmm_nll of 2 images and factored dims of 3 is refused."""
+    from jetblocks import image_bits_per_dim
+
+    bpd = image_bits_per_dim(torch.rand(2, 16), torch.randn(3, 16, 2), torch.zeros(2), 64)
+    return f"returned {list(bpd.shape)}"
+
+
+@case("autoregressive-heads", "error", mentions=("num_dims",))
+def nats_to_bpd_zero_dims(ctx: Context) -> str:
+    """nats_to_bits_per_dim(x, logdet, 0) is refused naming num_dims (no division by zero)."""
+    from jetblocks.likelihood import nats_to_bits_per_dim
+
+    return f"returned {nats_to_bits_per_dim(torch.ones(2), torch.zeros(2), 0).tolist()}"
+
+
+@case("autoregressive-heads", "error", mentions=("generator",))
+def log_prob_int_generator(ctx: Context) -> str:
+    """log_prob(x, generator=123) (a seed, not a Generator) is refused naming generator."""
+    return f"returned {ctx.jet().log_prob(ctx.pixels(), generator=123).tolist()}"
+
+
+@case("autoregressive-heads", "error", mentions=("meta",))
+def encode_meta_tensor(ctx: Context) -> str:
+    """encode of a tensor on the meta device (no data) is refused naming the device."""
+    images = torch.empty(4, 1, 8, 8, dtype=torch.uint8, device="meta")
+    tokens, _ = ctx.jet().encode(images)
+    return f"returned tokens on {tokens.device}"
+
+
+@case("autoregressive-heads", "works")
+def causal_mask_zero(ctx: Context) -> str:
+    """causal_mask(0) is the empty [0, 0] mask."""
+    from jetblocks.autoregressive import causal_mask
+
+    mask = causal_mask(0)
+    if tuple(mask.shape) != (0, 0) or mask.dtype != torch.bool:
+        raise wrong(f"{mask.dtype} {list(mask.shape)}")
+    return "bool [0, 0]"
+
+
+@case("autoregressive-heads", "error", mentions=("queries",))
+def causal_mask_negative(ctx: Context) -> str:
+    """causal_mask(-1) is refused naming queries."""
+    from jetblocks.autoregressive import causal_mask
+
+    return f"returned {list(causal_mask(-1).shape)}"
+
+
+@case("autoregressive-heads", "error", mentions=("total_steps",))
+def noise_curriculum_negative_steps(ctx: Context) -> str:
+    """NoiseCurriculum(total_steps=-5) is refused naming total_steps."""
+    from jetblocks import NoiseCurriculum
+
+    return f"sigma(0) = {NoiseCurriculum(total_steps=-5).sigma(0)}"
+
+
+@case("autoregressive-heads", "error", mentions=("step",))
+def noise_curriculum_negative_step(ctx: Context) -> str:
+    """A NoiseCurriculum called at step -1 is refused naming step."""
+    from jetblocks import NoiseCurriculum
+
+    noisy = NoiseCurriculum(total_steps=10)(ctx.pixels(), -1)
+    return f"noised at step -1: {list(noisy.shape)}"
+
+
+@case("autoregressive-heads", "error", mentions=("max_std",))
+def input_noise_negative(ctx: Context) -> str:
+    """add_input_noise(tokens, max_std=-1) is refused naming max_std."""
+    from jetblocks.autoregressive import add_input_noise
+
+    return f"returned {list(add_input_noise(torch.zeros(2, 4, 3), -1.0).shape)}"
+
+
+@case("autoregressive-heads", "error", mentions=("kept",))
+def decode_soft_tokens_too_many_dims(ctx: Context) -> str:
+    """decode_soft_tokens with more kept dims than a token has is refused."""
+    from jetblocks.autoregressive import decode_soft_tokens
+
+    return f"decoded {list(decode_soft_tokens(ctx.jet(), torch.zeros(2, 16, 5)).shape)}"
+
+
+# == runs that share a folder ==================================================================
+@case("concurrency", "error", mentions=("in use",))
+def two_trains_started_together(ctx: Context) -> str:
+    """Two jetblocks train processes started together into one --out: one runs, the other stops
+    in one line naming the holder's pid; metrics.jsonl holds one run's steps in order."""
+    run = ctx.dir("together") / "run"
+    command = [
+        *ctx.command,
+        *ctx.train_args("--steps", "300", "--log-every", "10", "--out", str(run)),
+    ]
+    ended: dict[int, Proc] = {}
+    with _background(ctx, command) as one, _background(ctx, command) as two:
+        for proc in (one, two):
+            out, err = proc.communicate(timeout=600)
+            ended[proc.pid] = Proc(proc.returncode, out, err)
+    codes = {pid: proc.returncode for pid, proc in ended.items()}
+    steps = _logged_steps(run)
+    if steps != list(range(10, 301, 10)):
+        raise lost(f"metrics.jsonl holds the loss steps {steps[:8]}... ({len(steps)} records)")
+    winners = [pid for pid, code in codes.items() if code == 0]
+    if len(winners) != 1:
+        raise wrong(f"exit codes {sorted(codes.values())}: {len(winners)} runs trained")
+    loser = next(proc for pid, proc in ended.items() if pid != winners[0])
+    lines = [line for line in loser.stderr.splitlines() if line.strip()]
+    _names_holder(loser, winners[0])
+    if loser.returncode != 0 and "Traceback" not in loser.stderr and len(lines) != 1:
+        raise wrong(f"the refusal spans {len(lines)} lines: {lines[:3]}")
+    return cli_error(loser)
+
+
+@case("concurrency", "works")
+def stale_lock_taken_over(ctx: Context) -> str:
+    """A .lock left by a dead process (its pid in the file) does not block a new run."""
+    run = ctx.dir("stale") / "run"
+    run.mkdir()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    holder = {"pid": int(dead.stdout), "host": os.uname().nodename, "command": "jetblocks train",
+              "since": "2026-01-01T00:00:00+00:00"}  # fmt: skip
+    (run / ".lock").write_text(json.dumps(holder))
+    require_success(ctx.cli_here(*ctx.train_args("--out", str(run))))
+    if [p.name for p in checkpoint_dirs(run)] != [STEP4]:
+        raise wrong(f"checkpoints {[p.name for p in checkpoint_dirs(run)]}")
+    return f"trained past the lock of dead process {holder['pid']}"
+
+
+def _second_while_running(ctx: Context, *extra: str) -> str:
+    """While a train runs into --out, a second ``train ... EXTRA`` into it must be refused
+    naming the first's pid, and leave the running run alone."""
+    run = ctx.dir("busy") / "run"
+    options = ("--steps", "5000", "--log-every", "1", "--checkpoint-every", "5000")
+    command = [*ctx.command, *ctx.train_args(*options, "--out", str(run))]
+    with _background(ctx, command) as first:
+        _wait_until(first, lambda: len(_logged_steps(run)) >= 2, "the first run's records")
+        logged = _logged_steps(run)
+        second = ctx.cli_here(*ctx.train_args(*options, *extra, "--out", str(run)))
+        after = _logged_steps(run)
+        running = first.poll() is None and _holds_lock(run, first.pid)
+    if after[: len(logged)] != logged:
+        raise lost(f"the running run's metrics went from {logged[:4]}... to {after[:4]}...")
+    if not running:
+        raise wrong(f"the first run stopped or lost its lock (exit {first.returncode})")
+    _names_holder(second, first.pid)
+    return cli_error(second)
+
+
+@case("concurrency", "error", mentions=("in use",))
+def resume_while_running(ctx: Context) -> str:
+    """train --resume into the --out of a running train is refused naming its pid."""
+    return _second_while_running(ctx, "--resume")
+
+
+@case("concurrency", "error", mentions=("in use",))
+def overwrite_while_running(ctx: Context) -> str:
+    """train --overwrite into the --out of a running train is refused; nothing of the running
+    run is deleted."""
+    return _second_while_running(ctx, "--overwrite")
+
+
+# == signals ===================================================================================
+def _signal_train(ctx: Context, signum: int, code: int) -> str:
+    name = signal.Signals(signum).name
+    run = ctx.dir(name.lower()) / "run"
+    options = ("--log-every", "1", "--checkpoint-every", "10000", "--eval-every", "10000")
+    command = [*ctx.command, *ctx.train_args("--steps", "5000", *options, "--out", str(run))]
+    with _background(ctx, command) as proc:
+        _wait_until(proc, lambda: bool(_logged_steps(run)), "the first metrics record")
+        proc.send_signal(signum)
+        try:
+            out, err = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            raise Verdict("traceback", f"still running 300 s after {name}") from None
+    ended = Proc(proc.returncode, out, err)
+    if "Traceback" in err:
+        raise Verdict("traceback", f"exit {proc.returncode}, traceback: {ended.last_line}")
+    if proc.returncode != code or name not in ended.last_line:
+        raise wrong(f"exit {proc.returncode} (expected {code}), last line {ended.last_line!r}")
+    saved = checkpoint_dirs(run)
+    if not saved:
+        raise lost(f"no checkpoint saved on {name}")
+    step = int(saved[-1].name.removeprefix("step_"))
+    said = re.search(r"at step (\d+)", ended.last_line)
+    if said and int(said[1]) != step:
+        raise wrong(f"says step {said[1]}, saved {saved[-1].name}")
+    if problem := loads_cleanly(saved[-1]):
+        raise lost(f"the checkpoint saved on {name} does not load: {problem}")
+    if _logged_steps(run)[-1:] != [step]:
+        raise wrong(f"saved step {step} but logged up to {_logged_steps(run)[-1:]}")
+    resumed = ctx.cli_here(*ctx.train_args("--steps", str(step + 2), *options, "--resume",
+                                           "--out", str(run)))  # fmt: skip
+    require_success(resumed)
+    if _logged_steps(run) != list(range(1, step + 3)):
+        raise wrong(f"after --resume the loss steps are {_logged_steps(run)}")
+    return f"exit {code} at step {step} ({one_line(ended.last_line, 70)}); resumed to {step + 2}"
+
+
+@case("signals", "works")
+def sigterm_train(ctx: Context) -> str:
+    """SIGTERM to a running train: exit 143, one line naming SIGTERM, a checkpoint of the step
+    reached, and --resume continues from it."""
+    return _signal_train(ctx, signal.SIGTERM, 143)
+
+
+@case("signals", "works")
+def sigint_train(ctx: Context) -> str:
+    """SIGINT (Ctrl-C) to a running train: exit 130, a checkpoint, and --resume continues."""
+    return _signal_train(ctx, signal.SIGINT, 130)
+
+
+@case("signals", "works")
+def sigterm_encode(ctx: Context) -> str:
+    """SIGTERM to jetblocks encode mid-run: exit 143 in one line, and no partial token file (nor
+    temporary file) left at --out."""
+    folder = ctx.dir("encsig")
+    out = folder / "tokens.safetensors"
+    args = ("--data", "digits", "--split", "train", "--batch-size", "1", "--out", str(out))
+    command = [*ctx.command, "encode", "--checkpoint", str(ctx.pretrained()), *args]
+    with _background(ctx, command, cwd=folder) as proc:
+        _wait_until(proc, lambda: _catches(proc.pid, signal.SIGTERM), "encode to catch SIGTERM")
+        time.sleep(2.0)
+        if proc.poll() is not None:
+            raise skip("encode finished within 2 s of starting to encode")
+        proc.send_signal(signal.SIGTERM)
+        out_text, err_text = proc.communicate(timeout=300)
+        ended = Proc(proc.returncode, out_text, err_text)
+    if "Traceback" in ended.stderr:
+        raise Verdict("traceback", f"exit {ended.returncode}, traceback: {ended.last_line}")
+    if ended.returncode != 143 or "SIGTERM" not in ended.last_line:
+        raise wrong(f"exit {ended.returncode}, last line {ended.last_line!r}")
+    left = sorted(p.name for p in folder.iterdir())
+    if left:
+        raise wrong(f"left {left} at --out's folder after SIGTERM")
+    return f"exit 143 ({ended.last_line}), nothing left"
+
+
+# == fuzzed parsers: seeded mutations of every file format jetblocks reads =====================
+BYTE_KINDS = ("overwrite", "truncate", "flip-header", "length", "insert", "random-file", "flip")
+JSON_KINDS = ("semantic", "overwrite", "semantic", "truncate", "semantic", "insert", "flip")
+HOSTILE_JSON: tuple[Any, ...] = (
+    None, True, -1, 0, 2**70, 1e308, float("nan"), float("inf"), "x", "", [], {}, [1, 2, 3],
+    {"__tensor__": "no.such.tensor"}, {"__int_keys__": {"x": 1}}, {"__tuple__": 5},
+)  # fmt: skip
+Fields = Callable[[bytes], list[tuple[int, str]]]
+
+
+def _mutations(
+    data: bytes,
+    seed: int,
+    *,
+    fields: Fields | None = None,
+    semantic: Callable[[random.Random], tuple[str, bytes]] | None = None,
+    kinds: tuple[str, ...] = BYTE_KINDS,
+    count: int = FUZZ_COUNT,
+) -> Iterator[tuple[str, bytes]]:
+    """``count`` seeded mutations of ``data`` as ``(label, bytes)``: random bytes written or
+    inserted, truncations at random offsets, bits flipped (in the first 64 bytes: the header),
+    declared lengths changed (at the ``fields(data)`` offsets, struct formats), whole random
+    files and ``semantic`` ones (a parsed value replaced)."""
+    rng = random.Random(seed)
+    for i in range(count):
+        kind = kinds[i % len(kinds)]
+        if kind == "length" and fields is None:
+            kind = "flip"
+        if kind == "semantic" and semantic is None:
+            kind = "overwrite"
+        mutated = bytearray(data)
+        if kind == "overwrite":
+            at, size = rng.randrange(len(mutated)), rng.randint(1, 16)
+            mutated[at : at + size] = rng.randbytes(size)
+            label = f"{size} random bytes written at {at}"
+        elif kind == "truncate":
+            at = rng.randrange(len(mutated))
+            del mutated[at:]
+            label = f"truncated to {at} bytes"
+        elif kind == "flip-header":
+            spots = sorted(rng.sample(range(min(len(mutated), 64)), 3))
+            for at in spots:
+                mutated[at] ^= 1 << rng.randrange(8)
+            label = f"header bits flipped at {spots}"
+        elif kind == "flip":
+            at, bit = rng.randrange(len(mutated)), rng.randrange(8)
+            mutated[at] ^= 1 << bit
+            label = f"bit {bit} flipped at {at}"
+        elif kind == "length":
+            label = _change_length(mutated, rng, fields(data))
+        elif kind == "insert":
+            at, size = rng.randrange(len(mutated)), rng.randint(1, 64)
+            mutated[at:at] = rng.randbytes(size)
+            label = f"{size} random bytes inserted at {at}"
+        elif kind == "random-file":
+            mutated = bytearray(rng.randbytes(rng.randint(0, 512)))
+            label = f"a file of {len(mutated)} random bytes"
+        else:
+            label, changed_bytes = semantic(rng)
+            mutated = bytearray(changed_bytes)
+        yield f"seed {seed} mutation {i} ({label})", bytes(mutated)
+
+
+def _change_length(data: bytearray, rng: random.Random, fields: list[tuple[int, str]]) -> str:
+    """Set one declared length (or size, offset, count) to a hostile value."""
+    fields = [(at, fmt) for at, fmt in fields if at + struct.calcsize(fmt) <= len(data)]
+    if not fields:
+        data[0] ^= 0xFF
+        return "first byte inverted (no length field)"
+    at, fmt = rng.choice(fields)
+    (old,) = struct.unpack_from(fmt, data, at)
+    top = 2 ** (8 * struct.calcsize(fmt)) - 1
+    values = [
+        v for v in (0, 1, old - 1, old + 1, 2 * old, top, rng.randrange(top + 1)) if 0 <= v <= top
+    ]
+    value = rng.choice(values)
+    struct.pack_into(fmt, data, at, value)
+    return f"declared length at byte {at} changed from {old} to {value}"
+
+
+def _json_semantic(text: bytes) -> Callable[[random.Random], tuple[str, bytes]]:
+    """Mutations that replace (or delete) one value anywhere in the JSON ``text``."""
+    original = json.loads(text)
+
+    def mutate(rng: random.Random) -> tuple[str, bytes]:
+        tree = json.loads(text)
+        spots: list[tuple[Any, Any, str]] = []
+
+        def walk(node: Any, where: str) -> None:
+            items = node.items() if isinstance(node, dict) else enumerate(node)
+            for key, value in items:
+                spots.append((node, key, f"{where}[{key!r}]"))
+                if isinstance(value, (dict, list)) and len(spots) < 5000:
+                    walk(value, f"{where}[{key!r}]")
+
+        if not isinstance(original, (dict, list)) or not original:
+            return "replaced by null", b"null"
+        walk(tree, "")
+        node, key, where = rng.choice(spots)
+        if rng.random() < 0.2:
+            del node[key]
+            return f"deleted {where}", json.dumps(tree).encode()
+        value = rng.choice(HOSTILE_JSON)
+        node[key] = value
+        return f"{where} = {value!r}", json.dumps(tree).encode()
+
+    return mutate
+
+
+class CliRefused(ValueError):
+    """A command exited with a clear one-line error (for the fuzz tallies)."""
+
+
+def _fuzz(
+    items: Iterator[tuple[str, Any]],
+    attempt: Callable[[Any], Any],
+    names: str,
+    extra: tuple[type[BaseException], ...] = (),
+) -> str:
+    """Run ``attempt`` on every mutation: each must succeed (``attempt`` may return how, e.g.
+    ``"fell back"``) or raise a clear error whose message matches ``names`` (the file it
+    read). The case ends with the first mutation that did neither (its label reproduces it)
+    and how many did neither, else with the tally."""
+    tally: Counter[str] = Counter()
+    failed: list[Verdict] = []
+    for label, payload in items:
+        try:
+            how = attempt(payload)
+            tally[how if isinstance(how, str) else "loaded"] += 1
+        except Verdict as verdict:
+            failed.append(Verdict(verdict.outcome, f"{label}: {verdict.detail}"))
+        except Exception as error:
+            message = f"{type(error).__name__}: {one_line(error, 120)}"
+            if not is_clear_type(error, extra):
+                failed.append(Verdict("traceback", f"{label}: {message}"))
+            elif not re.search(names, str(error)):
+                unclear = f"unclear error (does not name {names})"
+                failed.append(Verdict("traceback", f"{label}: {unclear}: {message}"))
+            else:
+                tally[type(error).__name__] += 1
+    total = len(failed) + sum(tally.values())
+    if failed:
+        first = failed[0]
+        raise Verdict(first.outcome, f"{len(failed)} of {total} mutations failed; {first.detail}")
+    refused = total - sum(count for how, count in tally.items() if how[:1].islower())
+    kinds = ", ".join(f"{how} {count}" for how, count in tally.most_common())
+    raise Verdict("clear_error", f"{refused} of {total} mutations cleanly refused ({kinds})")
+
+
+def _safetensors_fields(data: bytes) -> list[tuple[int, str]]:
+    return [(0, "<Q")]
+
+
+def _zip_fields(data: bytes) -> list[tuple[int, str]]:
+    """Sizes, name lengths and offsets of a zip's (an .npz's) headers, and .npy header lengths."""
+    fields: list[tuple[int, str]] = []
+    for match in re.finditer(rb"PK\x03\x04", data):
+        at = match.start()
+        fields += [(at + 18, "<I"), (at + 22, "<I"), (at + 26, "<H"), (at + 28, "<H")]
+        (name_length,) = struct.unpack_from("<H", data, at + 26)
+        npy = at + 30 + name_length
+        if data[npy : npy + 6] == b"\x93NUMPY":
+            fields.append((npy + 8, "<H"))
+    for match in re.finditer(rb"PK\x01\x02", data):
+        at = match.start()
+        fields += [(at + 20, "<I"), (at + 24, "<I"), (at + 28, "<H"), (at + 42, "<I")]
+    end = data.rfind(b"PK\x05\x06")
+    if end >= 0:
+        fields += [(end + 10, "<H"), (end + 12, "<I"), (end + 16, "<I")]
+    return fields
+
+
+def _png_fields(data: bytes) -> list[tuple[int, str]]:
+    """Every chunk's length, and the IHDR's width and height."""
+    fields, at = [(16, ">I"), (20, ">I")], 8
+    while at + 8 <= len(data):
+        fields.append((at, ">I"))
+        at += 12 + struct.unpack_from(">I", data, at)[0]
+    return fields
+
+
+def _png_with_crc(data: bytes) -> Callable[[random.Random], tuple[str, bytes]]:
+    """Mutations of IHDR (a huge size) or IDAT bytes whose chunk CRC is fixed, so that only
+    decoding can tell."""
+
+    def mutate(rng: random.Random) -> tuple[str, bytes]:
+        mutated = bytearray(data)
+        # a chunk: length (4 bytes), type (4), data (length), CRC of type and data (4)
+        if rng.random() < 0.5:
+            width, height = rng.choice([(0, 8), (2**31 - 1, 2**31 - 1), (100_000, 100_000), (9, 8)])
+            struct.pack_into(">II", mutated, 16, width, height)
+            start, end, label = 12, 29, f"IHDR {width}x{height} with a valid CRC"
+        else:
+            start = data.find(b"IDAT")
+            end = start + 4 + struct.unpack_from(">I", data, start - 4)[0]
+            at = rng.randrange(start + 4, end)
+            mutated[at] ^= 1 << rng.randrange(8)
+            label = f"IDAT byte {at} changed, CRC fixed"
+        struct.pack_into(">I", mutated, end, zlib.crc32(bytes(mutated[start:end])))
+        return label, bytes(mutated)
+
+    return mutate
+
+
+def _jpeg_fields(data: bytes) -> list[tuple[int, str]]:
+    """Segment lengths, and the frame's height and width."""
+    fields = []
+    for at in range(2, len(data) - 8):
+        if data[at] == 0xFF and data[at + 1] in (0xC0, 0xC4, 0xDA, 0xDB, 0xE0):
+            fields.append((at + 2, ">H"))
+            if data[at + 1] == 0xC0:
+                fields += [(at + 5, ">H"), (at + 7, ">H")]
+    return fields
+
+
+def _pickle_fields(data: bytes) -> list[tuple[int, str]]:
+    """The lengths of a pickle's strings and bytes, and its memo indices."""
+    formats = {"BINUNICODE": "<I", "BINSTRING": "<I", "BINBYTES": "<I", "SHORT_BINSTRING": "<B",
+               "SHORT_BINBYTES": "<B", "SHORT_BINUNICODE": "<B", "BINPUT": "<B", "BINGET": "<B",
+               "LONG_BINPUT": "<I", "LONG_BINGET": "<I", "LONG1": "<B"}  # fmt: skip
+    return [
+        (position + 1, formats[opcode.name])
+        for opcode, _, position in pickletools.genops(data)
+        if opcode.name in formats
+    ]
+
+
+def _protobuf_fields(data: bytes) -> list[tuple[int, str]]:
+    """The one-byte lengths after a length-delimited tag (fields 1-3) near the start."""
+    return [
+        (at + 1, "<B") for at in range(min(len(data) - 1, 400)) if data[at] in (0x0A, 0x12, 0x1A)
+    ]
+
+
+@case("fuzzed-parsers", "error")
+def fuzz_safetensors_checkpoint(ctx: Context) -> str:
+    """20 seeded mutations of a saved model's model.safetensors (bytes, truncations, header bits,
+    the declared header length): read_tensors and load_pretrained refuse each clearly or load the
+    saved weights."""
+    from jetblocks.checkpoint import read_tensors
+    from jetblocks.pretrained import load_pretrained
+
+    source, reference = ctx.pretrained(), state_of(ctx.jet())
+    data, folder = (source / "model.safetensors").read_bytes(), ctx.dir("fuzzst")
+    counter = iter(range(10**6))
+
+    def attempt(mutated: bytes) -> None:
+        model = folder / f"m{next(counter):02d}"
+        model.mkdir()
+        shutil.copy(source / "config.json", model / "config.json")
+        (model / "model.safetensors").write_bytes(mutated)
+        read_tensors(model / "model.safetensors")
+        if not same_state(state_of(load_pretrained(model)), reference):
+            raise wrong("loaded weights that differ from the saved ones")
+
+    return _fuzz(_mutations(data, 1, fields=_safetensors_fields), attempt, r"m\d\d")
+
+
+@case("fuzzed-parsers", "error")
+def fuzz_token_file(ctx: Context) -> str:
+    """20 seeded mutations of a token file (with names, config, data and split in its header):
+    read_token_file refuses each clearly or reads it."""
+    from jetblocks.tokenfile import TokenFile, read_token_file, write_token_file
+
+    folder = ctx.dir("fuzztok")
+    tokens, _ = _encoded(ctx, 3)
+    contents = TokenFile(tokens=tokens, names=["a.png", "b/c.png", "d.jpg"], data="digits",
+                         split="test", config={"image_size": [8, 8]})  # fmt: skip
+    write_token_file(folder / "original.safetensors", contents)
+    data = (folder / "original.safetensors").read_bytes()
+    counter = iter(range(10**6))
+
+    def attempt(mutated: bytes) -> None:
+        path = folder / f"t{next(counter):02d}.safetensors"
+        path.write_bytes(mutated)
+        read_token_file(path)
+
+    return _fuzz(_mutations(data, 2, fields=_safetensors_fields), attempt, r"t\d\d\.safetensors")
+
+
+@case("fuzzed-parsers", "error")
+def fuzz_config_json(ctx: Context) -> str:
+    """20 seeded mutations of a saved config.json (values replaced by hostile ones: NaN, 2**70,
+    lists, null; keys deleted; bytes changed): JetConfig.from_json and load_pretrained refuse
+    each clearly or load the saved weights."""
+    from jetblocks import JetConfig
+    from jetblocks.pretrained import load_pretrained
+
+    source, reference = ctx.pretrained(), state_of(ctx.jet())
+    data, folder = (source / "config.json").read_bytes(), ctx.dir("fuzzcfg")
+    counter = iter(range(10**6))
+
+    def attempt(mutated: bytes) -> None:
+        try:
+            JetConfig.from_json(mutated.decode("utf-8", "replace"))
+        except Exception as error:
+            if not is_clear_type(error, ()):
+                message = f"JetConfig.from_json: {type(error).__name__}: {one_line(error, 100)}"
+                raise Verdict("traceback", message) from None
+        model = folder / f"m{next(counter):02d}"
+        model.mkdir()
+        shutil.copy(source / "model.safetensors", model / "model.safetensors")
+        (model / "config.json").write_bytes(mutated)
+        if not same_state(state_of(load_pretrained(model)), reference):
+            raise wrong("loaded weights that differ from the saved ones")
+
+    mutations = _mutations(data, 3, semantic=_json_semantic(data), kinds=JSON_KINDS)
+    return _fuzz(mutations, attempt, r"m\d\d")
+
+
+@case("fuzzed-parsers", "error")
+def fuzz_trainer_state(ctx: Context) -> str:
+    """20 seeded mutations of the newest checkpoint's trainer.json (values anywhere in the
+    optimizer, scheduler, loader and RNG states replaced or deleted; bytes changed): train
+    --resume --steps 6 refuses clearly naming the checkpoint, falls back to the older one
+    (saying so), or resumes and trains on."""
+    run = ctx.base_run()
+    state = run / "checkpoints" / STEP4 / "trainer.json"
+    data, folder = state.read_bytes(), ctx.dir("fuzzstate")
+    counter = iter(range(10**6))
+
+    def attempt(mutated: bytes) -> str:
+        copy = folder / f"run{next(counter):02d}"
+        shutil.copytree(run, copy)
+        (copy / "checkpoints" / STEP4 / "trainer.json").write_bytes(mutated)
+        proc = ctx.cli_here(*ctx.resume_args(copy, "--steps", "6"))
+        shutil.rmtree(copy)
+        if proc.returncode == 0:
+            return (
+                "fell back to step 2"
+                if f"skipping checkpoint {STEP4}" in proc.stderr
+                else "resumed"
+            )
+        if "Traceback" not in proc.stderr and CLI_ERROR.match(proc.last_line):
+            raise CliRefused(proc.last_line)
+        raise Verdict("traceback", f"exit {proc.returncode}: {proc.last_line}")
+
+    mutations = _mutations(data, 4, semantic=_json_semantic(data), kinds=JSON_KINDS)
+    return _fuzz(mutations, attempt, r"step_\d+|trainer")
+
+
+@case("fuzzed-parsers", "error")
+def fuzz_big_vision_npz(ctx: Context) -> str:
+    """20 seeded mutations of a big_vision .npz (bytes, truncations, zip and .npy header sizes
+    and offsets): load_jet refuses each clearly or loads a Jet."""
+    from jetblocks.integrations.big_vision import load_jet, save_jet
+
+    folder = ctx.dir("fuzzbv")
+    save_jet(ctx.jet(), folder / "jet.npz")
+    data = (folder / "jet.npz").read_bytes()
+    counter = iter(range(10**6))
+
+    def attempt(mutated: bytes) -> None:
+        path = folder / f"j{next(counter):02d}.npz"
+        path.write_bytes(mutated)
+        load_jet(path)
+
+    return _fuzz(_mutations(data, 5, fields=_zip_fields), attempt, r"j\d\d\.npz")
+
+
+@case("fuzzed-parsers", "error")
+def fuzz_image_files(ctx: Context) -> str:
+    """10 mutated PNGs (chunk lengths, a huge IHDR or changed IDAT with valid CRCs) and 10
+    mutated JPEGs (segment lengths, frame size) beside a good image: ImageFolder refuses each
+    clearly (DataError naming the file) or reads every image."""
+    from PIL import Image
+
+    from jetblocks.integrations.datasets import ImageFolder
+
+    folder = ctx.dir("fuzzimg")
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8)
+    encoded = {}
+    for suffix, options in ((".png", {}), (".jpg", {"quality": 90})):
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format=suffix[1:].replace("jpg", "jpeg"), **options)
+        encoded[suffix] = buffer.getvalue()
+    half = FUZZ_COUNT // 2
+    png = _mutations(
+        encoded[".png"],
+        6,
+        fields=_png_fields,
+        semantic=_png_with_crc(encoded[".png"]),
+        kinds=(*BYTE_KINDS, "semantic"),
+        count=half,
+    )
+    jpeg = _mutations(encoded[".jpg"], 7, fields=_jpeg_fields, count=FUZZ_COUNT - half)
+    items = [(f"png {label}", (".png", b)) for label, b in png]
+    items += [(f"jpeg {label}", (".jpg", b)) for label, b in jpeg]
+    counter = iter(range(10**6))
+
+    def attempt(payload: tuple[str, bytes]) -> None:
+        suffix, mutated = payload
+        images = folder / f"images{next(counter):02d}"
+        images.mkdir()
+        (images / "good.png").write_bytes(encoded[".png"])
+        (images / f"bad{suffix}").write_bytes(mutated)
+        source = ImageFolder(images, image_size=8, channels=1)
+        read = [source[index][0] for index in range(len(source))]
+        if any(tuple(pixels.shape) != (1, 8, 8) for pixels in read):
+            raise wrong(f"read images of shapes {[list(p.shape) for p in read]}")
+
+    return _fuzz(iter(items), attempt, r"bad\.(png|jpg)")
+
+
+class _Shell:
+    """Pickles as a call of ``os.system(command)``."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (self.command,))
+
+
+class _Eval:
+    """Pickles as a call of ``eval(source)``."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def __reduce__(self) -> tuple:
+        return (eval, (self.source,))
+
+
+@case("fuzzed-parsers", "error")
+def fuzz_cifar_pickles(ctx: Context) -> str:
+    """20 seeded mutations of a CIFAR-10 batch pickle (bytes, truncations, string lengths, memo
+    indices), and pickles calling os.system and eval: load_cifar10 refuses each clearly (the
+    two code-running ones as UnsafePickleError, running nothing) or loads it."""
+    from jetblocks.integrations.datasets import UnsafePickleError, load_cifar10
+
+    folder = ctx.dir("fuzzcifar")
+    rng = np.random.default_rng(0)
+    batch = {
+        b"batch_label": b"testing batch 1 of 1",
+        b"labels": [int(v) for v in rng.integers(0, 10, 6)],
+        b"data": rng.integers(0, 256, (6, 3072), dtype=np.uint8),
+        b"filenames": [f"img_{i}.png".encode() for i in range(6)],
+    }
+    data = pickle.dumps(batch, protocol=2)
+    counter = iter(range(10**6))
+
+    def load(raw: bytes) -> Any:
+        root = folder / f"cifar{next(counter):02d}"
+        root.mkdir()
+        (root / "test_batch").write_bytes(raw)
+        return load_cifar10(root, "test")
+
+    try:
+        if not torch.equal(load(data).images[0].flatten(), torch.from_numpy(batch[b"data"][0])):
+            raise wrong("a valid CIFAR-10 batch pickle loads other pixels")
+    except (ValueError, TypeError) as error:
+        raise SetupFailed(f"a valid batch does not load: {one_line(error, 120)}") from None
+    sentinel = folder / "pwned"
+    evil = [
+        ("os.system", pickle.dumps({b"data": _Shell(f"touch {sentinel}")}, protocol=2)),
+        ("eval", pickle.dumps({b"data": _Eval(f"open({str(sentinel)!r}, 'w')")}, protocol=2)),
+    ]
+    for what, raw in evil:
+        try:
+            load(raw)
+        except UnsafePickleError:
+            pass
+        except Exception as error:
+            if sentinel.exists():
+                raise breach(f"the {what} pickle ran: {sentinel.name} created") from None
+            raise Verdict(
+                "traceback", f"the {what} pickle: {type(error).__name__}, not UnsafePickleError"
+            ) from None
+        else:
+            raise breach(f"a pickle calling {what} loaded")
+        if sentinel.exists():
+            raise breach(f"the {what} pickle ran: {sentinel.name} created")
+    return _fuzz(_mutations(data, 8, fields=_pickle_fields), load, "test_batch")
+
+
+@case("fuzzed-parsers", "error")
+def fuzz_sentencepiece(ctx: Context) -> str:
+    """20 seeded mutations of a sentencepiece tokenizer.model (bytes, truncations, protobuf
+    lengths): SentencePieceTokenizer.load refuses each clearly or gives a tokenizer that
+    encodes and decodes."""
+    from jetblocks.integrations.sentencepiece import SentencePieceTokenizer
+
+    folder = ctx.dir("fuzzspm")
+    captions = [f"a {size} {color} {shape} on the {side}" for size in ("small", "big")
+                for color in ("red", "blue", "green") for shape in ("square", "circle")
+                for side in ("left", "right")]  # fmt: skip
+    data = SentencePieceTokenizer.train(captions, 64, model_type="word").model_proto
+    counter = iter(range(10**6))
+
+    def attempt(mutated: bytes) -> None:
+        path = folder / f"t{next(counter):02d}.model"
+        path.write_bytes(mutated)
+        tokenizer = SentencePieceTokenizer.load(path)
+        ids, _ = tokenizer.encode_batch(["a small red square on the left"], 12)
+        tokenizer.decode(ids[0].tolist())
+
+    return _fuzz(_mutations(data, 9, fields=_protobuf_fields), attempt, r"t\d\d\.model")
 
 
 # == runner ====================================================================================

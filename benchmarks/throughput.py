@@ -69,6 +69,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from jetblocks import Jet, JetConfig
+from jetblocks.acceleration import accelerate_by_default
 from jetblocks.checkpoint import atomic_file
 from jetblocks.jet import PRESETS
 from jetblocks.likelihood import bits_per_dim
@@ -261,6 +262,7 @@ def setup(
     """
     torch.manual_seed(0)
     jet = perturb_parameters_(model_class(config.to_dict())(config), scale=0.02).to(device)
+    accelerate_by_default(jet, device)  # as the Trainer does (JETBLOCKS_ACCELERATE=0: off)
     optimizer = reference_optimizer(jet, TrainConfig())
     if optimizer_impl != "default":
         hyper = {k: optimizer.defaults[k] for k in ("lr", "betas", "eps", "weight_decay")}
@@ -326,12 +328,13 @@ def workloads(
     jet, optimizer, images = setup(config, batch, device, optimizer_impl)
     with torch.no_grad():
         tokens = jet(images)[0]
-    forward = infer = jet
-    inverse = jet.decode
+    inference = accelerate_by_default(copy.deepcopy(jet), device, inference=True)
+    forward, infer, inverse = jet, inference, inference.decode
     if mode != "eager":
         torch._dynamo.reset()  # dynamo's cache limit is per function, across models
-        forward = infer = torch.compile(jet, backend=compile_backend)
-        inverse = torch.compile(jet.decode, backend=compile_backend)
+        forward = torch.compile(jet, backend=compile_backend)
+        infer = torch.compile(inference, backend=compile_backend)
+        inverse = torch.compile(inference.decode, backend=compile_backend)
     if mode == "frozen":  # the library's frozen inference (raw bijections, as eager times)
         frozen = copy.deepcopy(jet).frozen(backend=compile_backend)  # training moves `jet`
         infer = frozen.forward

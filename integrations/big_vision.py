@@ -41,7 +41,7 @@ A ``Dense`` kernel ``[in, out]`` is the transposed ``Linear`` weight; attention
 ``query/key/value`` kernels ``[in, H, d]`` and biases ``[H, d]`` are the weight ``[H*d, in]``
 and bias split by head; the ``out`` kernel ``[H, d, E]`` is the weight ``[E, H*d]``; a
 LayerNorm ``scale`` is its ``weight``. jetblocks fuses projections
-(:data:`~jetblocks.vit.FUSED_PROJECTIONS`): the table's ``attention.{query,key,value}`` are
+(:data:`FUSED_PROJECTIONS`): the table's ``attention.{query,key,value}`` are
 the thirds of ``attention.qkv`` and ``cross_attention.{key,value}`` the halves of
 ``cross_attention.kv``, split on export and concatenated on import. The frozen masks are
 0/1 matrices with ``W[perm[j], j] = 1`` (channel layers) and ``W[order[j], j] = 1``
@@ -69,7 +69,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -80,7 +80,22 @@ from jetblocks.checkpoint import CheckpointError, atomic_file
 from jetblocks.couplings import SPATIAL_PATTERNS, ChannelSplit, spatial_halves
 from jetblocks.integrations.datasets import read_npz
 from jetblocks.jet import Jet, JetConfig
-from jetblocks.vit import fuse_projections, unfuse_projections
+
+__all__ = [
+    "CHANNEL_MASKS",
+    "FUSED_PROJECTIONS",
+    "SPATIAL_MASKS",
+    "big_vision_model_kwargs",
+    "fuse_projections",
+    "infer_config",
+    "jet_from_arrays",
+    "jet_to_arrays",
+    "load_jet",
+    "name_mapping",
+    "read_arrays",
+    "save_jet",
+    "unfuse_projections",
+]
 
 CHANNEL_MASKS = "channel_coupling_masks-FREEZE_ME"
 SPATIAL_MASKS = "spatial_coupling_masks-FREEZE_ME"
@@ -88,6 +103,43 @@ _DNN = "couplings/dnn"
 _CONTEXT_ATTENTION = f"{_DNN}/MultiHeadDotProductAttention_0"
 
 PathLike = str | os.PathLike
+
+
+# Attention's fused projections and the reference's projections stacked in them, in order:
+# the fused weight is the parts' weights ``[E, in]`` stacked by rows, and likewise the bias.
+FUSED_PROJECTIONS = {"qkv": ("query", "key", "value"), "kv": ("key", "value")}
+
+
+def _fused_name(name: str) -> tuple[str, tuple[str, ...], str]:
+    """``(parent module, the projections fused in the module, leaf)`` of a parameter name."""
+    module, _, leaf = name.rpartition(".")
+    parent, _, layer = module.rpartition(".")
+    return parent, FUSED_PROJECTIONS.get(layer, ()), leaf
+
+
+def unfuse_projections(params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Named parameters with every fused projection split into the reference's projections
+    (``....attention.qkv.weight`` into ``....attention.{query,key,value}.weight``, as views)."""
+    split = {}
+    for name, tensor in params.items():
+        parent, parts, leaf = _fused_name(name)
+        if parts:
+            for part, chunk in zip(parts, tensor.chunk(len(parts)), strict=True):
+                split[f"{parent}.{part}.{leaf}"] = chunk
+        else:
+            split[name] = tensor
+    return split
+
+
+def fuse_projections(state: Mapping[str, Tensor], names: Iterable[str]) -> dict[str, Tensor]:
+    """The inverse of :func:`unfuse_projections`: ``state`` with the reference's projections
+    concatenated into each fused parameter among ``names`` (a model's parameter names)."""
+    state = dict(state)
+    for name in names:
+        parent, parts, leaf = _fused_name(name)
+        if parts:
+            state[name] = torch.cat([state.pop(f"{parent}.{part}.{leaf}") for part in parts])
+    return state
 
 
 # How one layer's leaf converts: (torch -> Flax given the head count, Flax -> torch).
@@ -129,7 +181,7 @@ def name_mapping(config: JetConfig) -> list[tuple[str, str, str]]:
 
     The conditioner names are relative to ``couplings.flows.{i}.conditioner``, with the
     attention projections by the reference's names (see
-    :func:`~jetblocks.vit.unfuse_projections`); conversions are ``dense``, ``qkv_kernel``,
+    :func:`unfuse_projections`); conversions are ``dense``, ``qkv_kernel``,
     ``qkv_bias``, ``out_kernel`` or ``same``.
     """
     leaves = [*_dense_leaves(f"{_DNN}/init_proj", "init_proj")]
@@ -497,17 +549,3 @@ def load_jet(path: PathLike, config: JetConfig | None = None, *, key: str | None
     (``"params_adaptor"``, ...) when the file holds more than one.
     """
     return jet_from_arrays(read_arrays(path), config, key=key)
-
-
-__all__ = [
-    "CHANNEL_MASKS",
-    "SPATIAL_MASKS",
-    "big_vision_model_kwargs",
-    "infer_config",
-    "jet_from_arrays",
-    "jet_to_arrays",
-    "load_jet",
-    "name_mapping",
-    "read_arrays",
-    "save_jet",
-]

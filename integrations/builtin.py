@@ -22,14 +22,22 @@ from torch import Tensor
 
 from jetblocks.extras import require
 
-MNIST5K_SPLIT_SEED = 0
-MNIST5K_TEST_SIZE = 500
+__all__ = [
+    "PHOTO_PATCHES_TEST",
+    "PHOTO_PATCHES_TRAIN",
+    "digits",
+    "mnist5k",
+    "photo_patches",
+]
 
-DIGITS_SPLIT_SEED = 0
-DIGITS_TEST_SIZE = 300
+_MNIST5K_SPLIT_SEED = 0
+_MNIST5K_TEST_SIZE = 500
 
-PHOTO_PATCH_SIZE = 32
-PHOTO_PATCHES_SEED = 0
+_DIGITS_SPLIT_SEED = 0
+_DIGITS_TEST_SIZE = 300
+
+_PHOTO_PATCH_SIZE = 32
+_PHOTO_PATCHES_SEED = 0
 # ``skimage.data`` loaders whose images are files inside the scikit-image wheel (no pooch, no
 # network). Training and test photographs are disjoint.
 PHOTO_PATCHES_TRAIN = (
@@ -40,7 +48,7 @@ PHOTO_PATCHES_TRAIN = (
     "retina",
 )
 PHOTO_PATCHES_TEST = ("chelsea", "rocket")
-PHOTO_PATCHES_PER_PHOTO = {"train": 640, "test": 256}
+_PHOTO_PATCHES_PER_PHOTO = {"train": 640, "test": 256}
 
 
 def _check_split(name: str, split: str) -> None:
@@ -65,7 +73,7 @@ def mnist5k(split: str) -> tuple[Tensor, Tensor]:
     _check_split("mnist5k", split)
     features, labels = _mnist5k_arrays()
     images = torch.from_numpy(features).to(torch.uint8).reshape(-1, 1, 28, 28)
-    chosen = _seeded_split(len(images), MNIST5K_TEST_SIZE, MNIST5K_SPLIT_SEED, split)
+    chosen = _seeded_split(len(images), _MNIST5K_TEST_SIZE, _MNIST5K_SPLIT_SEED, split)
     return images[chosen], torch.from_numpy(labels).long()[chosen]
 
 
@@ -78,7 +86,7 @@ def digits(split: str) -> tuple[Tensor, Tensor]:
     bunch = require("sklearn.datasets", "digits").load_digits()
     pixels = np.rint(bunch.images * (255 / 16)).astype(np.uint8)
     images = torch.from_numpy(pixels).reshape(-1, 1, 8, 8)
-    chosen = _seeded_split(len(images), DIGITS_TEST_SIZE, DIGITS_SPLIT_SEED, split)
+    chosen = _seeded_split(len(images), _DIGITS_TEST_SIZE, _DIGITS_SPLIT_SEED, split)
     return images[chosen], torch.from_numpy(bunch.target).long()[chosen]
 
 
@@ -92,11 +100,11 @@ def photo_patches(split: str) -> tuple[Tensor, Tensor]:
     _check_split("photo-patches", split)
     data = require("skimage.data", "photo-patches")
     names = PHOTO_PATCHES_TRAIN if split == "train" else PHOTO_PATCHES_TEST
-    count, size = PHOTO_PATCHES_PER_PHOTO[split], PHOTO_PATCH_SIZE
+    count, size = _PHOTO_PATCHES_PER_PHOTO[split], _PHOTO_PATCH_SIZE
     crops = []
     for index, name in enumerate(names):
         photo = np.ascontiguousarray(getattr(data, name)()[..., :3], dtype=np.uint8)
-        rng = np.random.default_rng([PHOTO_PATCHES_SEED, index])
+        rng = np.random.default_rng([_PHOTO_PATCHES_SEED, index])
         tops = rng.integers(0, photo.shape[0] - size + 1, count)
         lefts = rng.integers(0, photo.shape[1] - size + 1, count)
         crops += [photo[t : t + size, s : s + size] for t, s in zip(tops, lefts, strict=True)]

@@ -28,6 +28,21 @@ from torch import Tensor
 from jetblocks.extras import require
 from jetblocks.integrations import builtin
 
+__all__ = [
+    "ArraySource",
+    "DataError",
+    "ImageFolder",
+    "ImageSource",
+    "RestrictedUnpickler",
+    "Subset",
+    "UnsafePickleError",
+    "holdout",
+    "load_batch",
+    "load_cifar10",
+    "load_npz",
+    "open_source",
+]
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 HOLDOUT_FRACTION = 0.1
@@ -635,19 +650,3 @@ def _unsplit(spec: str, image_size: int | None, channels: int | None, skip_corru
 
 
 _SPLIT_MARKERS = ("train", "test", "data_batch_1", "test_batch")
-
-
-__all__ = [
-    "ArraySource",
-    "DataError",
-    "ImageFolder",
-    "ImageSource",
-    "RestrictedUnpickler",
-    "Subset",
-    "UnsafePickleError",
-    "holdout",
-    "load_batch",
-    "load_cifar10",
-    "load_npz",
-    "open_source",
-]

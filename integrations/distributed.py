@@ -15,6 +15,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+__all__ = [
+    "Distributed",
+    "init_distributed",
+    "unwrap",
+    "wrap_model",
+]
+
 
 @dataclasses.dataclass(frozen=True)
 class Distributed:

@@ -12,6 +12,15 @@ from torch import Tensor
 from jetblocks.checkpoint import atomic_file
 from jetblocks.extras import require
 
+__all__ = [
+    "GRID_FORMATS",
+    "GRID_SUFFIXES",
+    "MAX_GRID_PIXELS",
+    "check_grid_size",
+    "save_grid",
+    "save_images",
+]
+
 # The grid's file format follows the file name: lossless PNG, or JPEG (lossy, quality 95).
 GRID_FORMATS = {
     ".png": ("PNG", {}),

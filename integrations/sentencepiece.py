@@ -24,6 +24,8 @@ from jetblocks.checkpoint import atomic_file
 from jetblocks.extras import require
 from jetblocks.integrations.datasets import DataError
 
+__all__ = ["EOS_ID", "PAD_ID", "UNK_ID", "SentencePieceTokenizer"]
+
 PAD_ID, UNK_ID, EOS_ID = 0, 1, 2
 MAX_MODEL_BYTES = 256 << 20  # large vocabularies (256k pieces) take a few MiB
 
@@ -124,6 +126,3 @@ class SentencePieceTokenizer:
             ids[row, : len(pieces)] = torch.tensor(pieces)
             mask[row, : len(pieces)] = True
         return ids, mask
-
-
-__all__ = ["EOS_ID", "PAD_ID", "UNK_ID", "SentencePieceTokenizer"]

@@ -52,6 +52,25 @@ from jetblocks.integrations.datasets import (
     open_source,
 )
 
+__all__ = [
+    "ArraySource",
+    "DataError",
+    "ImageFolder",
+    "ImageSource",
+    "RestrictedUnpickler",
+    "ShardedBatchSampler",
+    "Subset",
+    "UnsafePickleError",
+    "flip_bits",
+    "holdout",
+    "image_loader",
+    "load_batch",
+    "load_cifar10",
+    "load_flipped_batch",
+    "load_npz",
+    "open_source",
+]
+
 _FLIP_STREAM = 0x666C6970  # "flip": keeps flip bits apart from the epoch's permutation stream
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX = (np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB))
@@ -211,23 +230,3 @@ def image_loader(
         return Loader(Mapper(sampler, load))
     node = ParallelMapper(sampler, load, num_workers=num_workers, method="thread")
     return Loader(Prefetcher(node, prefetch_factor=prefetch))
-
-
-__all__ = [
-    "ArraySource",
-    "DataError",
-    "ImageFolder",
-    "ImageSource",
-    "RestrictedUnpickler",
-    "ShardedBatchSampler",
-    "Subset",
-    "UnsafePickleError",
-    "flip_bits",
-    "holdout",
-    "image_loader",
-    "load_batch",
-    "load_cifar10",
-    "load_flipped_batch",
-    "load_npz",
-    "open_source",
-]

@@ -15,6 +15,7 @@ Layers, each importing only from the ones above it:
 public API of all three.
 """
 
+from jetblocks.acceleration import accelerate, decelerate
 from jetblocks.couplings import AffineCoupling, ChannelSplit, SpatialSplit
 from jetblocks.flow import Flow, FlowSequence, Inverse
 from jetblocks.heads import GaussianMixture, GMMHead, guided_gaussian, sample_guided
@@ -28,7 +29,6 @@ from jetblocks.likelihood import (
     standard_normal_log_prob,
     to_uint8,
 )
-from jetblocks.linear import Linear, cpu_linear_backend
 from jetblocks.vit import ViTConditioner
 
 __version__ = "0.1.0"
@@ -44,13 +44,13 @@ __all__ = [
     "Inverse",
     "Jet",
     "JetConfig",
-    "Linear",
     "NoiseCurriculum",
     "SpatialSplit",
     "ViTConditioner",
+    "accelerate",
     "bin_centers",
     "bits_per_dim",
-    "cpu_linear_backend",
+    "decelerate",
     "dequantize",
     "guided_gaussian",
     "image_bits_per_dim",
@@ -62,3 +62,25 @@ __all__ = [
     "to_uint8",
     "unpatchify",
 ]
+
+
+def __getattr__(name: str):
+    if name == "Linear":
+        import warnings
+
+        from jetblocks.linear import OneDNNLinear
+
+        warnings.warn(
+            "jetblocks.Linear is now jetblocks.linear.OneDNNLinear; models use nn.Linear and "
+            "jetblocks.accelerate(model) swaps them",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return OneDNNLinear
+    if name == "cpu_linear_backend":
+        raise AttributeError(
+            "jetblocks.cpu_linear_backend was removed: models are plain PyTorch unless "
+            "jetblocks.accelerate(model) is applied; undo it with jetblocks.decelerate(model) "
+            "or turn the library's defaults off with JETBLOCKS_ACCELERATE=0"
+        )
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

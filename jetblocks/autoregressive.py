@@ -45,6 +45,18 @@ from jetblocks.validation import (
     checked,
 )
 
+__all__ = [
+    "Decoder",
+    "KVCache",
+    "add_input_noise",
+    "causal_mask",
+    "decode_soft_tokens",
+    "generate",
+    "sample_soft_tokens",
+    "shift_right",
+    "soft_token_nll",
+]
+
 
 class Decoder(Protocol):
     """A causal model ``[B, T, W] -> [B, T, W]``; ``new_cache(max_len)`` is optional."""
@@ -288,16 +300,3 @@ def decode_soft_tokens(
     shape = (*kept.shape[:2], token_dim - kept.shape[2])
     rest = rng.randn(shape, generator=generator, like=kept.float())
     return flow.decode(merge_tokens(kept.float(), rest), context).clamp(-1.0, 1.0)
-
-
-__all__ = [
-    "Decoder",
-    "KVCache",
-    "add_input_noise",
-    "causal_mask",
-    "decode_soft_tokens",
-    "generate",
-    "sample_soft_tokens",
-    "shift_right",
-    "soft_token_nll",
-]

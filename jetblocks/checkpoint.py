@@ -31,17 +31,26 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from jetblocks.validation import CheckpointError, CorruptCheckpointError, parse_json
+
+# The stable API; the other public helpers are the library's own plumbing.
+__all__ = [
+    "atomic_file",
+    "checkpoints_in",
+    "config_mismatch",
+    "load_model_weights",
+    "load_state",
+    "read_json",
+    "read_metadata",
+    "read_tensors",
+    "resolve_checkpoint",
+    "save_state",
+    "write_tensors",
+]
+
 _TENSOR, _INT_KEYS, _TUPLE = "__tensor__", "__int_keys__", "__tuple__"
 FORMAT_KEY, DIGEST_KEY, CONFIG_KEY = "jetblocks", "sha256", "config"
-MODEL_FILES = ("config.json", "model.safetensors")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, corrupt, or made for another configuration."""
-
-
-class CorruptCheckpointError(CheckpointError):
-    """A checkpoint file is missing, truncated, damaged or inconsistent with its siblings."""
+_MODEL_FILES = ("config.json", "model.safetensors")
 
 
 # -- permissions and atomic writes -----------------------------------------------------------
@@ -117,7 +126,7 @@ def remove_orphans(directory: str | os.PathLike, pattern: str) -> list[Path]:
 
 
 # -- tensors with a digest ---------------------------------------------------------------------
-def tensor_digest(tensors: dict[str, Tensor]) -> str:
+def _tensor_digest(tensors: dict[str, Tensor]) -> str:
     """SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
     digest = hashlib.sha256()
     for name in sorted(tensors):
@@ -134,7 +143,7 @@ def write_tensors(
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    header = {**(metadata or {}), FORMAT_KEY: "1", DIGEST_KEY: tensor_digest(tensors)}
+    header = {**(metadata or {}), FORMAT_KEY: "1", DIGEST_KEY: _tensor_digest(tensors)}
     with atomic_file(path) as staging:
         save_file(tensors, staging, metadata=header)
 
@@ -175,7 +184,7 @@ def read_tensors(path: Path) -> dict[str, Tensor]:
         tensors = load_file(path)
     except (SafetensorError, OSError, ValueError) as error:
         raise CorruptCheckpointError(f"checkpoint file {path} is corrupt: {error}") from None
-    if expected is not None and tensor_digest(tensors) != expected:
+    if expected is not None and _tensor_digest(tensors) != expected:
         raise CorruptCheckpointError(
             f"checkpoint file {path} is corrupt: its tensors do not match the SHA-256 digest "
             "stored when it was written (damaged or modified bytes)"
@@ -217,7 +226,7 @@ def _unflatten(obj: Any, tensors: dict[str, Tensor]) -> Any:
     return {k: _unflatten(v, tensors) for k, v in obj.items()}
 
 
-def write_json(path: str | os.PathLike, value: Any) -> None:
+def _write_json(path: str | os.PathLike, value: Any) -> None:
     """Atomically write ``value`` as indented JSON."""
     with atomic_file(path) as staging:
         staging.write_text(json.dumps(value, indent=2))
@@ -228,7 +237,7 @@ def save_state(directory: str | os.PathLike, name: str, state: Any) -> None:
     tensors: dict[str, Tensor] = {}
     skeleton = _flatten(state, tensors, name)
     write_tensors(Path(directory) / f"{name}.safetensors", tensors)
-    write_json(Path(directory) / f"{name}.json", skeleton)
+    _write_json(Path(directory) / f"{name}.json", skeleton)
 
 
 def load_state(directory: str | os.PathLike, name: str) -> Any:
@@ -238,22 +247,10 @@ def load_state(directory: str | os.PathLike, name: str) -> Any:
     tensors = read_tensors(directory / f"{name}.safetensors")
     try:
         return _unflatten(skeleton, tensors)
-    except (KeyError, TypeError, AttributeError) as error:
+    except (KeyError, TypeError, AttributeError, ValueError) as error:
         raise CorruptCheckpointError(
             f"checkpoint {directory}/{name}.json does not match {name}.safetensors: {error!r}"
         ) from None
-
-
-def parse_json(text: str | bytes, where: str) -> Any:
-    """``text`` parsed as JSON; anything unparsable (bad syntax or encoding, nesting too
-    deep, an integer of too many digits) raises :class:`CorruptCheckpointError` naming
-    ``where``."""
-    try:
-        return json.loads(text)
-    except RecursionError:
-        raise CorruptCheckpointError(f"{where} is nested too deeply to be read") from None
-    except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
-        raise CorruptCheckpointError(f"{where} is not valid JSON: {error}") from None
 
 
 def read_json(path: Path) -> Any:
@@ -278,10 +275,10 @@ def write_model_files(
     """Write ``model.safetensors`` (weights, their digest and ``config``) and then
     ``config.json`` into ``directory``, each atomically."""
     write_tensors(directory / "model.safetensors", state_dict, {CONFIG_KEY: _canonical(config)})
-    write_json(directory / "config.json", config)
+    _write_json(directory / "config.json", config)
 
 
-def is_model_directory(directory: str | os.PathLike) -> bool:
+def _is_model_directory(directory: str | os.PathLike) -> bool:
     """Whether ``directory`` holds a model saved by jetblocks (its ``model.safetensors``
     header carries the jetblocks marker)."""
     weights = Path(directory) / "model.safetensors"
@@ -304,8 +301,8 @@ def save_model(
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise CheckpointError(f"cannot save a model as {directory}: it is a file, not a folder")
-    ours = is_model_directory(directory)
-    for name in MODEL_FILES:
+    ours = _is_model_directory(directory)
+    for name in _MODEL_FILES:
         if (directory / name).exists() and not ours:
             raise CheckpointError(
                 f"refusing to save into {directory}: its {name} was not written by jetblocks "

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from jetblocks.acceleration import accelerate_by_default
 from jetblocks.checkpoint import CheckpointError, read_json
 from jetblocks.config import add_arguments, arguments_of
 from jetblocks.extras import missing_dependency
@@ -38,6 +39,13 @@ from jetblocks.multiscale import MULTISCALE_PRESETS, MultiScaleConfig
 from jetblocks.pretrained import build_model, load_pretrained, model_class
 from jetblocks.train import DivergenceError, TrainConfig, TrainingInterrupted
 from jetblocks.validation import NON_NEGATIVE, POSITIVE_INT, SEED
+
+__all__ = [
+    "build_parser",
+    "load_model",
+    "main",
+    "model_config",
+]
 
 
 def model_config(args):
@@ -60,7 +68,7 @@ def load_model(path: str | Path, device: torch.device) -> ImageFlow:
     model = load_pretrained(path)
     if not isinstance(model, ImageFlow):
         raise CheckpointError(f"{path} holds a {type(model).__name__}, not an image flow")
-    return model.to(device).eval()
+    return accelerate_by_default(model.to(device).eval(), device, inference=True)
 
 
 def _source(args, jet_config, split: str):
@@ -322,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="how gradients pass the couplings (default: the config's): store activations, "
         "checkpoint each coupling, or rebuild inputs from outputs (memory-saving)",
     )
-    train.add_argument("--eval-batch-size", type=positive_int, default=250)
+    train.add_argument("--eval-batch-size", type=_positive_int, default=250)
     train.add_argument(
         "--eval-before", action="store_true", help="also evaluate before training and report it"
     )
@@ -342,16 +350,16 @@ def build_parser() -> argparse.ArgumentParser:
     _checkpoint_arguments(evaluate)
     _data_arguments(evaluate)
     evaluate.add_argument("--split", default="test", choices=("train", "test"))
-    evaluate.add_argument("--batch-size", type=positive_int, default=250)
+    evaluate.add_argument("--batch-size", type=_positive_int, default=250)
     evaluate.set_defaults(run=cmd_eval)
 
     sample = commands.add_parser("sample", help="write a PNG grid of samples")
     _checkpoint_arguments(sample)
-    sample.add_argument("--n", type=positive_int, default=64)
-    sample.add_argument("--temperature", type=non_negative_float, default=1.0)
-    sample.add_argument("--ncols", type=positive_int, default=None)
+    sample.add_argument("--n", type=_positive_int, default=64)
+    sample.add_argument("--temperature", type=_non_negative_float, default=1.0)
+    sample.add_argument("--ncols", type=_positive_int, default=None)
     sample.add_argument(
-        "--batch-size", type=positive_int, default=256, help="images sampled at a time"
+        "--batch-size", type=_positive_int, default=256, help="images sampled at a time"
     )
     sample.add_argument("--out", required=True, help="image file (.png, or .jpg: lossy)")
     sample.set_defaults(run=cmd_sample)
@@ -365,9 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("train", "test", "all"),
         help="all: every image of an unsplit folder or .npz (default: test)",
     )
-    encode.add_argument("--batch-size", type=positive_int, default=250)
+    encode.add_argument("--batch-size", type=_positive_int, default=250)
     encode.add_argument(
-        "--limit", type=positive_int, default=None, help="encode at most this many images"
+        "--limit", type=_positive_int, default=None, help="encode at most this many images"
     )
     encode.add_argument(
         "--out", required=True, help=".safetensors file (tokens, logdet, label, index; names)"
@@ -377,9 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     decode = commands.add_parser("decode", help="tokens in a .safetensors file -> PNG grid")
     _checkpoint_arguments(decode)
     decode.add_argument("--tokens", required=True, help=".safetensors file with 'tokens'")
-    decode.add_argument("--ncols", type=positive_int, default=None)
+    decode.add_argument("--ncols", type=_positive_int, default=None)
     decode.add_argument(
-        "--batch-size", type=positive_int, default=256, help="images decoded at a time"
+        "--batch-size", type=_positive_int, default=256, help="images decoded at a time"
     )
     decode.add_argument(
         "--out",
@@ -391,8 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-positive_int = POSITIVE_INT.parse
-non_negative_float = NON_NEGATIVE.parse
+_positive_int = POSITIVE_INT.parse
+_non_negative_float = NON_NEGATIVE.parse
 
 
 def _data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -417,7 +425,7 @@ def _runtime_arguments(parser: argparse.ArgumentParser, seed: bool = True) -> No
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument(
         "--threads",
-        type=positive_int,
+        type=_positive_int,
         default=None,
         help="CPU threads for tensor maths (default: PyTorch's, one per core; on a machine "
         "shared with other jobs pass fewer: busy-waiting threads slow everything down)",

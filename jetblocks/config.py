@@ -16,7 +16,7 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar, TypeVar
 
-from jetblocks.validation import Choice, Flag, Items, Number
+from jetblocks.validation import Choice, Flag, Items, Number, parse_json
 
 __all__ = ["Config", "PatchGrid", "add_arguments", "arguments_of", "runtime_fields", "setting"]
 
@@ -85,8 +85,6 @@ class Config:
 
     @classmethod
     def from_json(cls: type[C], text: str) -> C:
-        from jetblocks.checkpoint import parse_json
-
         return cls.from_dict(parse_json(text, f"the {cls.__name__} JSON"))
 
     def replace(self: C, **changes: Any) -> C:

@@ -17,6 +17,14 @@ from torch import Tensor, nn
 
 from jetblocks.flow import Flow, Rebuilt, logdet_dtype, zero_logdet
 
+__all__ = [
+    "SPATIAL_PATTERNS",
+    "AffineCoupling",
+    "ChannelSplit",
+    "SpatialSplit",
+    "spatial_halves",
+]
+
 SPATIAL_PATTERNS = (
     "checkerboard",
     "checkerboard-inv",

@@ -10,6 +10,13 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+__all__ = [
+    "EXTRAS",
+    "MissingDependencyError",
+    "missing_dependency",
+    "require",
+]
+
 # top-level module -> (pip package, jetblocks extra that installs it)
 EXTRAS = {
     "PIL": ("pillow", "data"),

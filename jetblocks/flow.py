@@ -24,6 +24,17 @@ from torch import Tensor, nn
 from jetblocks.memory import invertible_backprop
 from jetblocks.validation import Choice
 
+__all__ = [
+    "BACKPROP",
+    "BACKPROP_MODES",
+    "Flow",
+    "FlowSequence",
+    "Inverse",
+    "Rebuilt",
+    "logdet_dtype",
+    "zero_logdet",
+]
+
 
 def logdet_dtype(x: Tensor) -> torch.dtype:
     """The dtype of a log-det for input ``x``: float64 for float64 input, else float32."""

@@ -22,11 +22,11 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from jetblocks import rng
 from jetblocks.likelihood import HALF_LOG_2PI
-from jetblocks.linear import linear
 from jetblocks.validation import (
     GUIDANCE,
     NON_NEGATIVE,
@@ -36,6 +36,15 @@ from jetblocks.validation import (
     TEMPERATURE,
     checked,
 )
+
+__all__ = [
+    "GMMHead",
+    "GaussianMixture",
+    "guided_gaussian",
+    "rejection_guided",
+    "sample_guided",
+    "squareplus",
+]
 
 SCALE_FLOOR = 1e-6
 
@@ -134,7 +143,11 @@ class GMMHead(nn.Module):
         if h.shape[-1] != self.width:
             raise ValueError(f"GMMHead expects h [..., {self.width}], got {list(h.shape)}")
         with torch.autocast(h.device.type, enabled=False):
-            out = linear(h.float(), self.proj.weight.float(), self.proj.bias.float())
+            proj = self.proj
+            if proj.weight.dtype == torch.float32:
+                out = proj(h.float())  # the layer itself: accelerate() may have swapped it
+            else:
+                out = F.linear(h.float(), proj.weight.float(), proj.bias.float())
         logits, loc_scale = out.split([self.num_mixtures, 2 * self.num_mixtures * self.dim], dim=-1)
         loc_scale = loc_scale.unflatten(-1, (self.num_mixtures, 2, self.dim))
         scales = squareplus(loc_scale[..., 1, :]).clamp_min(self.scale_floor)
@@ -265,13 +278,3 @@ def sample_guided(
         return rejection_guided(mu_c, sigma_c, mu_u, sigma_u, weight, generator=generator)
     mean, sigma = guided_gaussian(mu_c, sigma_c, mu_u, sigma_u, weight)
     return mean + sigma * rng.randn(mean.shape, generator=generator, like=mean)
-
-
-__all__ = [
-    "GMMHead",
-    "GaussianMixture",
-    "guided_gaussian",
-    "rejection_guided",
-    "sample_guided",
-    "squareplus",
-]

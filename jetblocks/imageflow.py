@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from jetblocks import rng
+from jetblocks.acceleration import accelerate_by_default
 from jetblocks.config import Config, PatchGrid
 from jetblocks.flow import Flow
 from jetblocks.likelihood import (
@@ -31,6 +32,8 @@ from jetblocks.likelihood import (
 )
 from jetblocks.pretrained import Pretrained
 from jetblocks.validation import COUNT, TEMPERATURE, checked
+
+__all__ = ["FrozenFlow", "ImageFlow"]
 
 
 class ImageFlow(Flow, Pretrained):
@@ -101,9 +104,12 @@ class ImageFlow(Flow, Pretrained):
         return bits_per_dim(*self.encode(images, context, noise=True, generator=generator))
 
     def frozen(self, *, backend: str = "inductor") -> FrozenFlow:
-        """This flow's :meth:`encode` and :meth:`decode` compiled for inference with the
-        weights frozen as they are now (see :class:`FrozenFlow`)."""
-        return FrozenFlow(self, backend=backend)
+        r"""This flow's :meth:`encode` and :meth:`decode` compiled for inference with the
+        weights frozen as they are now (see :class:`FrozenFlow`). On a CPU the flow is first
+        :func:`~jetblocks.acceleration.accelerate`\ d for inference, in place (same
+        weights; ``JETBLOCKS_ACCELERATE=0`` turns it off)."""
+        device = next(self.parameters()).device
+        return FrozenFlow(accelerate_by_default(self, device, inference=True), backend=backend)
 
     def _check(self, x: Tensor, what: str, event_shape: tuple[int, ...], layout: str) -> None:
         """Refuse a tensor of the wrong rank, shape, device or dtype (metadata only: no
@@ -158,8 +164,8 @@ class ImageFlow(Flow, Pretrained):
 class FrozenFlow:
     """Fast inference: a flow's ``encode`` / ``decode`` as ``torch.compile`` graphs with
     Inductor's *freezing*: the weights become constants, so the compiler folds what depends
-    on them only (and pre-packs the weights of plain ``nn.Linear`` layers;
-    ``jetblocks.Linear``'s float32 oneDNN products run as they are), and the graphs fuse
+    on them only (and pre-packs the weights of plain ``nn.Linear`` layers; accelerated
+    layers' float32 oneDNN products run as they are), and the graphs fuse
     the layer norms, GELUs and bias adds that eager mode runs one by one.
 
     The weights are a snapshot: after they change (training, ``load_state_dict``) a call
@@ -213,7 +219,7 @@ class FrozenFlow:
         return self.inverse(tokens, _checked_context(context))[0]
 
 
-def is_int(value: Any) -> bool:
+def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -251,6 +257,3 @@ def __getattr__(name: str) -> Any:
         )
         return _ConfigDict
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = ["FrozenFlow", "ImageFlow", "is_int"]

@@ -25,10 +25,12 @@ from jetblocks.couplings import (
     spatial_halves,
 )
 from jetblocks.flow import BACKPROP_MODES, FlowSequence
-from jetblocks.imageflow import ImageFlow, is_int
+from jetblocks.imageflow import ImageFlow, _is_int
 from jetblocks.latents import patchify, unpatchify
 from jetblocks.validation import POSITIVE, SEED, Choice, Items, Number
 from jetblocks.vit import ATTENTION_BACKENDS, ViTConditioner
+
+__all__ = ["PRESETS", "Jet", "JetConfig"]
 
 KINDS = ("channels", "spatial")
 CHANNEL_PATTERNS = ("random",)
@@ -100,7 +102,7 @@ class JetConfig(Config, PatchGrid):
     model: str = setting("jet", Choice(("jet",)), "the model class a saved config names")
 
     def __post_init__(self) -> None:
-        if is_int(self.image_size):
+        if _is_int(self.image_size):
             object.__setattr__(self, "image_size", (self.image_size, self.image_size))
         super().__post_init__()
 
@@ -195,6 +197,3 @@ class Jet(ImageFlow):
         self._check(y, "tokens", (cfg.num_tokens, cfg.token_dim), "[B, N, D]")
         x, logdet = self.couplings.inverse(y, context)
         return unpatchify(x, cfg.patch_size, cfg.grid), logdet
-
-
-__all__ = ["PRESETS", "Jet", "JetConfig"]

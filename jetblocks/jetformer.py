@@ -23,6 +23,8 @@ from jetblocks import rng
 from jetblocks.likelihood import nats_to_bits_per_dim, pixels_to_unit, standard_normal_log_prob
 from jetblocks.validation import COUNT, NON_NEGATIVE, POSITIVE_INT, checked
 
+__all__ = ["NoiseCurriculum", "image_bits_per_dim"]
+
 
 @checked(num_dims=POSITIVE_INT)
 def image_bits_per_dim(gmm_nll: Tensor, factored: Tensor, logdet: Tensor, num_dims: int) -> Tensor:
@@ -95,6 +97,3 @@ class NoiseCurriculum:
             sigma = torch.where(rows.to(pixels.device), sigma, 0.0)
         noisy = torch.round(pixels + sigma.view(-1, *[1] * (pixels.dim() - 1)) * normal)
         return pixels_to_unit(noisy)
-
-
-__all__ = ["NoiseCurriculum", "image_bits_per_dim"]

@@ -13,6 +13,13 @@ from torch import Tensor
 
 from jetblocks.validation import COUNT, POSITIVE_INT, checked
 
+__all__ = [
+    "merge_tokens",
+    "patchify",
+    "split_tokens",
+    "unpatchify",
+]
+
 
 @checked(patch_size=POSITIVE_INT)
 def patchify(images: Tensor, patch_size: int) -> Tensor:

@@ -20,6 +20,18 @@ from jetblocks import rng
 from jetblocks.flow import logdet_dtype
 from jetblocks.validation import POSITIVE_INT, checked
 
+__all__ = [
+    "HALF_LOG_2PI",
+    "PIXEL_BIN",
+    "bin_centers",
+    "bits_per_dim",
+    "dequantize",
+    "nats_to_bits_per_dim",
+    "pixels_to_unit",
+    "standard_normal_log_prob",
+    "to_uint8",
+]
+
 PIXEL_BIN = 1.0 / 127.5
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 

@@ -1,4 +1,4 @@
-"""``nn.Linear`` whose float32 CPU matmuls run on oneDNN instead of PyTorch's BLAS.
+"""``nn.Linear``'s maths with float32 CPU matmuls on oneDNN instead of PyTorch's BLAS.
 
 PyTorch's CPU ``F.linear`` calls the BLAS it was built with (MKL in the official wheels), and
 MKL runs its AVX2 kernels on AMD processors even where the CPU has AVX-512. oneDNN, which
@@ -15,27 +15,21 @@ takes over only where it helps: float32 tensors on the CPU outside autocast, wit
 available, in products of at least :data:`ONEDNN_MIN_FLOPS`; everything else (CUDA,
 float64, bf16 autocast, which PyTorch already sends to oneDNN) is plain ``F.linear``.
 
-The environment variable ``JETBLOCKS_CPU_LINEAR=aten`` (read at import) or
-``with cpu_linear_backend("aten"):`` switches it off, e.g. to compare against PyTorch's own
-path or on a CPU where its BLAS is the faster one.
+Model code uses plain ``nn.Linear``; :func:`jetblocks.acceleration.accelerate` turns a
+model's ``nn.Linear`` layers into :class:`OneDNNLinear` (same parameters and state dict).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import register_flop_formula
 
-CPU_LINEAR_BACKENDS = ("onednn", "aten")
-_backend = os.environ.get("JETBLOCKS_CPU_LINEAR", "onednn")
-if _backend not in CPU_LINEAR_BACKENDS:
-    raise ValueError(f"JETBLOCKS_CPU_LINEAR must be one of {CPU_LINEAR_BACKENDS}, got {_backend!r}")
+__all__ = ["ONEDNN_MIN_FLOPS", "OneDNNLinear", "linear", "onednn_linear"]
+
 _ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available()
 # Below this many FLOPs (2 * rows * in * out) a call's fixed cost outweighs oneDNN's faster
 # kernel (measured: forward breaks even near 8 MFLOP, forward + backward near 16-32 MFLOP).
@@ -88,8 +82,7 @@ def _flops(x_shape, weight_shape, *args, **kwargs) -> int:
 
 def _uses_onednn(x: Tensor, weight: Tensor) -> bool:
     return (
-        _backend == "onednn"
-        and x.device.type == "cpu"
+        x.device.type == "cpu"
         and x.dtype == weight.dtype == torch.float32
         and x.dim() >= 2
         and 2 * x.numel() * weight.shape[0] >= ONEDNN_MIN_FLOPS
@@ -105,21 +98,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return F.linear(x, weight, bias)
 
 
-class Linear(nn.Linear):
+class OneDNNLinear(nn.Linear):
     """``nn.Linear`` (same parameters, state dict and initialisation) computed by :func:`linear`."""
 
     def forward(self, input: Tensor) -> Tensor:
         return linear(input, self.weight, self.bias)
-
-
-@contextlib.contextmanager
-def cpu_linear_backend(backend: str) -> Iterator[None]:
-    """Within the block, :func:`linear` uses ``backend`` (``"onednn"`` or ``"aten"``)."""
-    global _backend
-    if backend not in CPU_LINEAR_BACKENDS:
-        raise ValueError(f"backend must be one of {CPU_LINEAR_BACKENDS}, got {backend!r}")
-    previous, _backend = _backend, backend
-    try:
-        yield
-    finally:
-        _backend = previous

@@ -31,11 +31,22 @@ from torch import Tensor, nn
 from jetblocks.config import Config, PatchGrid, setting
 from jetblocks.couplings import AffineCoupling, ChannelSplit
 from jetblocks.flow import BACKPROP_MODES, Flow, FlowSequence, Rebuilt, logdet_dtype
-from jetblocks.imageflow import ImageFlow, is_int
+from jetblocks.imageflow import ImageFlow, _is_int
 from jetblocks.jet import MAX_TOKEN_DIM, MAX_TOKENS, SIZE
 from jetblocks.latents import merge_tokens, patchify, split_tokens, unpatchify
 from jetblocks.likelihood import PIXEL_BIN
 from jetblocks.validation import POSITIVE, SEED, Choice, Items, Number
+
+__all__ = [
+    "MULTISCALE_PRESETS",
+    "Conjugate",
+    "ConvConditioner",
+    "FactorOut",
+    "Logit",
+    "MultiScaleConfig",
+    "MultiScaleFlow",
+    "Repatchify",
+]
 
 
 class Logit(Flow):
@@ -269,7 +280,7 @@ class MultiScaleConfig(Config, PatchGrid):
     )
 
     def __post_init__(self) -> None:
-        if is_int(self.image_size):
+        if _is_int(self.image_size):
             object.__setattr__(self, "image_size", (self.image_size, self.image_size))
         super().__post_init__()
 
@@ -352,15 +363,3 @@ class MultiScaleFlow(ImageFlow):
         self._check(y, "tokens", (cfg.num_tokens, cfg.token_dim), "[B, N, D]")
         x, logdet = self.flow.inverse(y, context)
         return unpatchify(x, cfg.patch_size, cfg.grid), logdet
-
-
-__all__ = [
-    "MULTISCALE_PRESETS",
-    "Conjugate",
-    "ConvConditioner",
-    "FactorOut",
-    "Logit",
-    "MultiScaleConfig",
-    "MultiScaleFlow",
-    "Repatchify",
-]

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+__all__ = ["Generator", "ShardedGenerator", "rand", "randn"]
+
 
 class ShardedGenerator:
     """A seeded ``torch.Generator`` for one rank of ``world_size``.
@@ -82,6 +84,3 @@ def _draw(kind: str, shape: tuple[int, ...], generator: Generator, device: torch
         return getattr(generator, kind)(shape).to(device)
     source = generator.device if generator is not None else device
     return getattr(torch, kind)(shape, generator=generator, device=source).to(device)
-
-
-__all__ = ["Generator", "ShardedGenerator", "rand", "randn"]

@@ -1,10 +1,12 @@
-"""Training a model on a task: a short loop, handed its optimizer, schedule and run folder.
+r"""Training a model on a task: a short loop, handed its optimizer, schedule and run folder.
 
 :class:`Trainer` runs any model through a :class:`Task` (its loss, evaluation and samples), in
 one process or under ``torchrun`` (DDP or FSDP2). What it trains with is given to it:
 ``optimizer(model, config)`` and ``schedule(config)`` factories (default: the reference recipe
 below) and a :class:`~jetblocks.run_folder.RunFolder`, which locks the folder for the run and
-holds its checkpoints, metrics and sample grids. The loop adds what every run needs: gradient
+holds its checkpoints, metrics and sample grids. On a CPU the model is first
+:func:`~jetblocks.acceleration.accelerate`\ d (same weights; ``JETBLOCKS_ACCELERATE=0``
+turns it off). The loop adds what every run needs: gradient
 accumulation and clipping, an optional EMA of the weights, a guard against non-finite losses,
 periodic evaluation, samples and checkpoints, exact resume, and a clean stop on SIGINT or
 SIGTERM (a checkpoint is saved first, see :class:`TrainingInterrupted`).
@@ -38,6 +40,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from jetblocks.acceleration import accelerate_by_default
 from jetblocks.checkpoint import (
     CheckpointError,
     CorruptCheckpointError,
@@ -299,7 +302,8 @@ class Trainer:
         self.run.main = self.env.is_main
         self.train_loader, self.eval_batches = train_loader, eval_batches
         self.local_batch = config.local_batch_size(self.env.world_size)
-        self.model = wrap_model(model.to(self.env.device), config.distributed, self.env)
+        model = accelerate_by_default(model.to(self.env.device), self.env.device)
+        self.model = wrap_model(model, config.distributed, self.env)
         self.forward_model = torch.compile(self.model) if config.compile else self.model
         self.optimizer = optimizer(self.model, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule(config))
@@ -541,6 +545,7 @@ class Trainer:
                 optim_state_dict=state["optimizer"],
                 options=StateDictOptions(full_state_dict=True),
             )
+            _check_optimizer_state(self.optimizer)
             self.scheduler.load_state_dict(state["scheduler"])
             if self.ema is not None and state["ema"] is not None:
                 self.ema.load_state_dict(state["ema"])
@@ -622,6 +627,28 @@ def _checked_trainer_state(state: Any, directory: Path) -> dict[str, Any]:
     if not (state.get("ema") is None or isinstance(state["ema"], dict)):
         raise CorruptCheckpointError(f"{directory}/trainer.json: 'ema' must be a dict or null")
     return state
+
+
+def _check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Raise ``ValueError`` unless every parameter's loaded state holds the same entries, each
+    a number or a tensor (of the parameter's shape unless a scalar): what a stranger's
+    ``trainer.json`` could break only at the next step, or silently."""
+    keys = None
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            state = optimizer.state.get(parameter, {})
+            if keys is None and state:
+                keys = set(state)
+            if state and set(state) != keys:
+                raise ValueError(f"optimizer states hold different entries: {sorted(state)}")
+            for name, value in state.items():
+                if isinstance(value, bool) or not isinstance(value, Tensor | int | float):
+                    raise ValueError(f"optimizer state {name!r} is a {type(value).__name__}")
+                if isinstance(value, Tensor) and value.dim() and value.shape != parameter.shape:
+                    raise ValueError(
+                        f"optimizer state {name!r} has shape {list(value.shape)}, its "
+                        f"parameter {list(parameter.shape)}"
+                    )
 
 
 @dataclasses.dataclass

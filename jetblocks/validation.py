@@ -10,6 +10,8 @@ same way, naming the argument, what it must be and what arrived::
 
 Every refusal is an :class:`InvalidValue`, which is both a ``ValueError`` and a
 ``TypeError`` (a value of the wrong type is a bad value), so either ``except`` catches it.
+Text read from a file is parsed as JSON by one function, :func:`parse_json`, whose every
+failure is a :class:`CorruptCheckpointError` naming the file.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import dataclasses
 import functools
 import inspect
+import json
 import math
 import numbers
 from collections.abc import Callable
@@ -35,12 +38,15 @@ __all__ = [
     "SAMPLER",
     "SEED",
     "TEMPERATURE",
+    "CheckpointError",
     "Choice",
+    "CorruptCheckpointError",
     "Flag",
     "InvalidValue",
     "Items",
     "Number",
     "checked",
+    "parse_json",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -48,6 +54,26 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 class InvalidValue(ValueError, TypeError):
     """A value that breaks its rule; the message names the argument, the rule and the value."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, or made for another configuration."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint file is missing, truncated, damaged or inconsistent with its siblings."""
+
+
+def parse_json(text: str | bytes, where: str) -> Any:
+    """``text`` parsed as JSON; anything unparsable (bad syntax or encoding, nesting too
+    deep, an integer of too many digits) raises :class:`CorruptCheckpointError` naming
+    ``where``."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise CorruptCheckpointError(f"{where} is nested too deeply to be read") from None
+    except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
+        raise CorruptCheckpointError(f"{where} is not valid JSON: {error}") from None
 
 
 @dataclasses.dataclass(frozen=True)

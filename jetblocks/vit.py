@@ -17,39 +17,43 @@ Attention runs on one of :data:`ATTENTION_BACKENDS` (the same function, up to ro
 - ``"xformers"``: ``xformers.ops.memory_efficient_attention`` (``pip install jetblocks[gpu]``),
   CUDA tensors only. Asking for it where xformers is not installed raises ``ImportError``
   when the module is built; calling it on non-CUDA tensors raises ``RuntimeError``.
-- ``"auto"`` (``JetConfig``'s default): the fastest measured here, decided on every call
-  (a model built on the CPU and moved to a GPU picks the GPU's kernel): xformers for CUDA
-  tensors (float16, bfloat16, float32) when it is installed; ``"math"`` for bfloat16/float16
-  CPU tensors (bf16 autocast), where SDPA's CPU flash kernel is slow, above all backward
-  (attention forward + backward on one core, bf16: math 3.8x faster at 64 tokens of width
-  128, 1.1-1.8x at 64 to 256 tokens of width 128-512), and for float32 CPU tensors in a
-  compiled training step (``torch.compile`` with grad mode on), where Inductor fuses the
-  softmax and scaling into its own kernels and SDPA's CPU backward is slow on small heads
-  (measured 4-10% faster steps; compiled inference was as fast or faster on SDPA);
-  ``"sdpa"`` otherwise (eager float32 and float64 on the CPU, where it matched or beat math,
-  and CUDA without xformers).
+- ``"auto"`` (``JetConfig``'s default): decided on every call (a model built on the CPU and
+  moved to a GPU picks the GPU's kernel): xformers for CUDA tensors (float16, bfloat16,
+  float32) when it is installed, SDPA otherwise. :func:`jetblocks.acceleration.accelerate`
+  adds the CPU rules measured here (math attention for half-precision CPU tensors and in
+  compiled float32 training).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import math
-from collections.abc import Iterable, Mapping
 
 import einops
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .linear import Linear
 from .validation import Choice
+
+__all__ = [
+    "ATTENTION_BACKENDS",
+    "LAYER_NORM_EPS",
+    "Attention",
+    "EncoderBlock",
+    "ViTConditioner",
+    "dense",
+    "lecun_normal_",
+    "math_attention",
+    "xformers_attention",
+    "xformers_available",
+]
 
 LAYER_NORM_EPS = 1e-6
 # Flax truncates its normal initialisers at 2 std and rescales so the variance is kept.
 _TRUNCATED_NORMAL_STD = 0.87962566103423978
 ATTENTION_BACKENDS = ("sdpa", "math", "xformers", "auto")
 ATTENTION_BACKEND = Choice(ATTENTION_BACKENDS)
-_HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def math_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -57,14 +61,6 @@ def math_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     wide = torch.promote_types(scores.dtype, torch.float32)
     return scores.to(wide).softmax(dim=-1).to(v.dtype) @ v
-
-
-def _math_is_faster(q: Tensor) -> bool:
-    """Where ``"auto"`` picks ``math_attention`` (see the module docstring)."""
-    if q.device.type != "cpu":
-        return False
-    compiled_training = torch.compiler.is_compiling() and torch.is_grad_enabled()
-    return q.dtype in _HALF_DTYPES or (q.dtype == torch.float32 and compiled_training)
 
 
 def xformers_available() -> bool:
@@ -87,26 +83,6 @@ def xformers_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 # x * sigmoid(x * (a + b x^2)) is tanh-GELU: (1 + tanh(u)) / 2 = sigmoid(2u), with
-# u = sqrt(2/pi) (x + 0.044715 x^3).
-_GELU_A = 2.0 * math.sqrt(2.0 / math.pi)
-_GELU_B = _GELU_A * 0.044715
-
-
-class TanhGELU(nn.GELU):
-    """``nn.GELU(approximate="tanh")``, the reference's (Flax's default) GELU. For float32 CPU
-    tensors with grad mode off (``torch.no_grad``, inference) it is computed as
-    ``x * sigmoid(2u)``, the same function up to float32 rounding and faster than PyTorch's
-    tanh-based kernel on CPUs where its tanh is slow (the AMD EPYCs here). With grad mode on it
-    is PyTorch's kernel and its fused backward, whether or not this input needs a gradient,
-    so a result never depends on which parameters are trainable."""
-
-    def __init__(self) -> None:
-        super().__init__(approximate="tanh")
-
-    def forward(self, x: Tensor) -> Tensor:
-        if torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32:
-            return super().forward(x)
-        return x * torch.sigmoid(x * (_GELU_A + _GELU_B * x * x))
 
 
 def lecun_normal_(weight: Tensor) -> Tensor:
@@ -115,58 +91,22 @@ def lecun_normal_(weight: Tensor) -> Tensor:
     return nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
 
 
-def dense(d_in: int, d_out: int) -> Linear:
-    """A ``Linear`` initialised like Flax's ``nn.Dense`` (LeCun-normal kernel, zero bias)."""
-    layer = Linear(d_in, d_out)
+def dense(d_in: int, d_out: int) -> nn.Linear:
+    """An ``nn.Linear`` initialised like Flax's ``nn.Dense`` (LeCun-normal kernel, zero bias)."""
+    layer = nn.Linear(d_in, d_out)
     lecun_normal_(layer.weight)
     nn.init.zeros_(layer.bias)
     return layer
-
-
-# Attention's fused projections and the reference's projections stacked in them, in order:
-# the fused weight is the parts' weights ``[E, in]`` stacked by rows, and likewise the bias.
-FUSED_PROJECTIONS = {"qkv": ("query", "key", "value"), "kv": ("key", "value")}
-
-
-def _fused_name(name: str) -> tuple[str, tuple[str, ...], str]:
-    """``(parent module, the projections fused in the module, leaf)`` of a parameter name."""
-    module, _, leaf = name.rpartition(".")
-    parent, _, layer = module.rpartition(".")
-    return parent, FUSED_PROJECTIONS.get(layer, ()), leaf
-
-
-def unfuse_projections(params: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Named parameters with every fused projection split into the reference's projections
-    (``....attention.qkv.weight`` into ``....attention.{query,key,value}.weight``, as views)."""
-    split = {}
-    for name, tensor in params.items():
-        parent, parts, leaf = _fused_name(name)
-        if parts:
-            for part, chunk in zip(parts, tensor.chunk(len(parts)), strict=True):
-                split[f"{parent}.{part}.{leaf}"] = chunk
-        else:
-            split[name] = tensor
-    return split
-
-
-def fuse_projections(state: Mapping[str, Tensor], names: Iterable[str]) -> dict[str, Tensor]:
-    """The inverse of :func:`unfuse_projections`: ``state`` with the reference's projections
-    concatenated into each fused parameter among ``names`` (a model's parameter names)."""
-    state = dict(state)
-    for name in names:
-        parent, parts, leaf = _fused_name(name)
-        if parts:
-            state[name] = torch.cat([state.pop(f"{parent}.{part}.{leaf}") for part in parts])
-    return state
 
 
 class Attention(nn.Module):
     """Multi-head dot-product attention with biased query/key/value/out projections.
 
     Self-attention (``source_dim=None``) projects ``x`` ``[B, N, E]`` once, by ``qkv``
-    (``Linear(E, 3E)``: the query, key and value projections stacked, see
-    :data:`FUSED_PROJECTIONS`). Cross-attention takes queries from ``x`` (``query``) and keys
-    and values from ``forward``'s ``source`` ``[B, M, source_dim]`` (``kv``,
+    (``Linear(E, 3E)``: the query, key and value projections stacked by rows, as
+    ``jetblocks.integrations.big_vision.FUSED_PROJECTIONS`` says). Cross-attention takes
+    queries from ``x`` (``query``) and keys and values from ``forward``'s ``source``
+    ``[B, M, source_dim]`` (``kv``,
     ``Linear(source_dim, 2E)``). ``backend`` is one of :data:`ATTENTION_BACKENDS` (see the
     module docstring).
     """
@@ -191,11 +131,11 @@ class Attention(nn.Module):
             )
         self.cross = source_dim is not None
         if self.cross:
-            self.query = Linear(dim, dim)
-            self.kv = Linear(source_dim, 2 * dim)
+            self.query = nn.Linear(dim, dim)
+            self.kv = nn.Linear(source_dim, 2 * dim)
         else:
-            self.qkv = Linear(dim, 3 * dim)
-        self.out = Linear(dim, dim)
+            self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
         for layer in self.children():
             nn.init.zeros_(layer.bias)
 
@@ -218,16 +158,22 @@ class Attention(nn.Module):
         q = einops.rearrange(self.query(x), "b n (h d) -> b h n d", h=self.num_heads)
         return q, *einops.rearrange(self.kv(source), split, k=2, h=self.num_heads).unbind(0)
 
+    def auto_backend(self, q: Tensor) -> str:
+        """The backend ``"auto"`` runs ``q`` on: xformers for CUDA tensors where it is
+        installed, else SDPA."""
+        return "xformers" if self._xformers and q.is_cuda else "sdpa"
+
     def forward(self, x: Tensor, source: Tensor | None = None) -> Tensor:
         q, k, v = self._projections(x, source)
-        if self.backend == "xformers" and not q.is_cuda:
+        backend = self.auto_backend(q) if self.backend == "auto" else self.backend
+        if backend == "xformers" and not q.is_cuda:
             raise RuntimeError(
                 f"attention_backend='xformers' runs on CUDA tensors only, got {q.device.type}; "
                 "use attention_backend='sdpa', or 'auto' to fall back to it off the GPU"
             )
-        if self._xformers and q.is_cuda and q.dtype != torch.float64:
+        if backend == "xformers" and q.dtype != torch.float64:
             attended = xformers_attention(q, k, v)
-        elif self.backend == "math" or (self.backend == "auto" and _math_is_faster(q)):
+        elif backend == "math":
             attended = math_attention(q, k, v)
         else:
             attended = F.scaled_dot_product_attention(q, k, v)
@@ -245,7 +191,8 @@ class EncoderBlock(nn.Module):
         self.attention_norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.attention = Attention(dim, num_heads, backend=attention_backend)
         self.mlp_norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
-        self.mlp = nn.Sequential(Linear(dim, 4 * dim), TanhGELU(), Linear(4 * dim, dim))
+        gelu = nn.GELU(approximate="tanh")  # the reference's (Flax's default)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), gelu, nn.Linear(4 * dim, dim))
         attention_kernels = (*self.attention.projection_weights(), self.attention.out.weight)
         for weight in (*attention_kernels, self.mlp[0].weight, self.mlp[2].weight):
             nn.init.xavier_uniform_(weight)
@@ -294,7 +241,7 @@ class ViTConditioner(nn.Module):
             EncoderBlock(emb_dim, num_heads, attention_backend) for _ in range(depth)
         )
         self.norm = nn.LayerNorm(emb_dim, eps=LAYER_NORM_EPS)
-        self.final_proj = Linear(emb_dim, d_out)
+        self.final_proj = nn.Linear(emb_dim, d_out)
         nn.init.zeros_(self.final_proj.weight)
         nn.init.zeros_(self.final_proj.bias)
 

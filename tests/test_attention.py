@@ -177,13 +177,15 @@ def _uses_sdpa(targets: list[str]) -> bool:
     return any("scaled_dot_product" in target for target in targets)
 
 
-def test_auto_attention_takes_the_math_path_in_compiled_training_on_the_cpu():
+def test_accelerated_auto_attention_takes_the_math_path_in_compiled_training_on_the_cpu():
     """Inductor fuses math attention's softmax into its kernels, and SDPA's CPU backward is slow
-    on small heads: in a compiled step with autograd "auto" traces math for float32; without
-    autograd (compiled inference) and in eager mode it stays on SDPA."""
+    on small heads: accelerated, in a compiled step with autograd "auto" traces math for
+    float32; without autograd (compiled inference) and in eager mode it stays on SDPA."""
+    from jetblocks import accelerate
+
     torch.manual_seed(0)
     x = torch.randn(2, 5, 8)
-    auto = _randomised(Attention(8, 2, backend="auto"))
+    auto = accelerate(_randomised(Attention(8, 2, backend="auto")))
     sdpa = Attention(8, 2, backend="sdpa")
     sdpa.load_state_dict(auto.state_dict())
     auto_targets, compiled = _compiled_targets(auto, x)

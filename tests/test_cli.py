@@ -10,9 +10,9 @@ from PIL import Image
 from jetblocks import Jet
 from jetblocks.checkpoint import read_tensors
 from jetblocks.cli import main
+from jetblocks.integrations.big_vision import unfuse_projections
 from jetblocks.integrations.builtin import digits
 from jetblocks.train import checkpoints_in
-from jetblocks.vit import unfuse_projections
 
 TRAIN = [
     "--data",

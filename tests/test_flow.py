@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from jetblocks import Flow, FlowSequence, Inverse, memory
+from jetblocks import Flow, FlowSequence, Inverse, memory, validation
 from jetblocks import flow as flow_module
 from jetblocks.testing.properties import per_example_log_abs_det as jacobian_logdet
 
@@ -85,8 +85,9 @@ def test_default_rebuild_input_inverts_then_reapplies_with_autograd(inverse):
 
 
 def test_the_composition_knows_no_concrete_flow():
-    """``flow`` imports ``memory``, which imports nothing of jetblocks: each flow rebuilds
-    its own input (``Flow.rebuild_input``), so there is no import cycle to dodge."""
+    """``flow`` imports ``memory`` (and the value rules of ``validation``), which import
+    nothing of jetblocks: each flow rebuilds its own input (``Flow.rebuild_input``), so
+    there is no import cycle to dodge."""
 
     def imported(module):
         tree = ast.parse(Path(module.__file__).read_text())
@@ -94,38 +95,76 @@ def test_the_composition_knows_no_concrete_flow():
         names += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
         return {name for name in names if name.startswith("jetblocks")}
 
-    assert imported(flow_module) == {"jetblocks.memory"}
-    assert imported(memory) == set()
+    assert imported(flow_module) == {"jetblocks.memory", "jetblocks.validation"}
+    assert imported(memory) == set() and imported(validation) == set()
+
+
+# Every module's layer (see the package docstring); a module missing here fails the test.
+LAYERS = {
+    "maths and files": {
+        "jetblocks", "jetblocks.validation", "jetblocks.config", "jetblocks.rng",
+        "jetblocks.flow", "jetblocks.couplings", "jetblocks.vit", "jetblocks.linear",
+        "jetblocks.acceleration", "jetblocks.latents", "jetblocks.likelihood",
+        "jetblocks.memory", "jetblocks.heads", "jetblocks.jetformer",
+        "jetblocks.autoregressive", "jetblocks.jet", "jetblocks.imageflow",
+        "jetblocks.multiscale", "jetblocks.checkpoint", "jetblocks.extras", "jetblocks.paths",
+        "jetblocks.pretrained", "jetblocks.tokenfile", "jetblocks.run_folder",
+    },
+    "testing kit": {"jetblocks.testing"},  # and every jetblocks.testing.* module
+    "integrations": {"jetblocks.integrations"},  # and every jetblocks.integrations.* module
+    "training and the command line": {"jetblocks.train", "jetblocks.cli"},
+}  # fmt: skip
+MAY_IMPORT = {
+    "maths and files": {"maths and files"},
+    "testing kit": {"maths and files", "testing kit"},
+    "integrations": {"maths and files", "integrations"},
+    "training and the command line": {"maths and files", "integrations",
+                                      "training and the command line"},
+}  # fmt: skip
+
+
+def _layer_of(module: str) -> str | None:
+    if module.startswith("jetblocks.integrations"):
+        return "integrations"
+    if module.startswith("jetblocks.testing"):
+        return "testing kit"
+    return next((layer for layer, names in LAYERS.items() if module in names), None)
 
 
 def test_the_package_layers_point_down_and_have_no_import_cycle():
-    """Every jetblocks import, module level or not: no cycle, and the flow maths never imports
-    the integrations, the trainer, the CLI or the testing kit (see the package docstring)."""
+    """Every jetblocks import, module level or not, absolute or relative: every module has
+    a layer, imports only from its own layer or those below, and no import cycle exists."""
     root = Path(flow_module.__file__).resolve().parents[1]
     files = {f"jetblocks.{p.stem}": p for p in (root / "jetblocks").glob("*.py")}
     files |= {f"jetblocks.testing.{p.stem}": p for p in (root / "jetblocks/testing").glob("*.py")}
     files |= {f"jetblocks.integrations.{p.stem}": p for p in (root / "integrations").glob("*.py")}
     modules = {name.removesuffix(".__init__"): path for name, path in files.items()}
 
-    def imports(path):
+    def imports(name, path):
+        package = name if path.stem == "__init__" else name.rpartition(".")[0]
         found = set()
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 found |= {alias.name for alias in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                found |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules
-                          else node.module for a in node.names}  # fmt: skip
+            elif isinstance(node, ast.ImportFrom):
+                base = package
+                for _ in range(max(node.level - 1, 0)):
+                    base = base.rpartition(".")[0]
+                module = (f"{base}.{node.module}" if node.module else base) if node.level else (
+                    node.module)  # fmt: skip
+                found |= {f"{module}.{a.name}" if f"{module}.{a.name}" in modules else module
+                          for a in node.names}  # fmt: skip
         return {name for name in found if name in modules}
 
-    graph = {name: imports(path) - {name} for name, path in modules.items()}
-    maths = {
-        f"jetblocks.{m}"
-        for m in ("flow", "couplings", "vit", "jet", "latents", "rng", "imageflow", "multiscale",
-                  "likelihood", "memory", "heads", "jetformer", "checkpoint", "extras")
-    }  # fmt: skip
-    upper = ("jetblocks.integrations", "jetblocks.train", "jetblocks.cli", "jetblocks.testing")
-    for name in maths:
-        assert not {i for i in graph[name] if i.startswith(upper)}, (name, graph[name])
+    graph = {name: imports(name, path) - {name} for name, path in modules.items()}
+    unplaced = sorted(name for name in graph if _layer_of(name) is None)
+    assert not unplaced, f"modules without a layer in LAYERS: {unplaced}"
+    for name, targets in graph.items():
+        allowed = MAY_IMPORT[_layer_of(name)]
+        wrong = {t for t in targets if _layer_of(t) not in allowed}
+        assert not wrong, f"{name} ({_layer_of(name)}) imports {sorted(wrong)}"
+    assert "jetblocks.vit" in graph["jetblocks.acceleration"]  # relative imports are seen
+    assert "jetblocks.validation" in graph["jetblocks.vit"]
 
     def visit(name, path):
         assert name not in path, " -> ".join([*path, name])
@@ -134,3 +173,23 @@ def test_the_package_layers_point_down_and_have_no_import_cycle():
 
     for name in graph:
         visit(name, ())
+
+
+def test_every_module_opens_with_its_public_names():
+    """``__all__`` before the first definition, naming only public, existing objects."""
+    import importlib
+
+    root = Path(flow_module.__file__).resolve().parents[1]
+    paths = {f"jetblocks.{p.stem}": p for p in (root / "jetblocks").glob("*.py")}
+    paths |= {f"jetblocks.testing.{p.stem}": p for p in (root / "jetblocks/testing").glob("*.py")}
+    paths |= {f"jetblocks.integrations.{p.stem}": p for p in (root / "integrations").glob("*.py")}
+    for name, path in sorted(paths.items()):
+        tree = ast.parse(path.read_text())
+        first = next((n.lineno for n in tree.body if isinstance(n, ast.FunctionDef | ast.ClassDef)),
+                     float("inf"))  # fmt: skip
+        declared = [n for n in tree.body if isinstance(n, ast.Assign | ast.AnnAssign)
+                    and "__all__" in ast.unparse(n).split("=")[0]]  # fmt: skip
+        assert declared and declared[0].lineno < first, f"{name} has no __all__ at its top"
+        module = importlib.import_module(name.removesuffix(".__init__"))
+        for public in module.__all__:
+            assert not public.startswith("_") and hasattr(module, public), (name, public)

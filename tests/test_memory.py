@@ -24,9 +24,9 @@ from jetblocks import (
     memory,
 )
 from jetblocks.checkpoint import read_tensors
+from jetblocks.integrations.big_vision import unfuse_projections
 from jetblocks.testing import check_flow, perturb_parameters_
 from jetblocks.train import checkpoints_in
-from jetblocks.vit import unfuse_projections
 
 CONFIG = JetConfig(
     image_size=(8, 8),
@@ -293,13 +293,14 @@ def test_two_process_ddp_with_invertible_backprop_equals_one_ordinary_process(
     assert not torch.equal(final[1]["couplings.flows.0.conditioner.final_proj.weight"], initial)
 
 
-def test_auto_attention_takes_the_math_path_for_bf16_on_the_cpu(monkeypatch):
-    """SDPA's CPU kernels are slow for bf16 (above all backward): "auto" uses math there."""
-    from jetblocks import vit
+def test_accelerated_auto_attention_takes_the_math_path_for_bf16_on_the_cpu(monkeypatch):
+    """SDPA's CPU kernels are slow for bf16 (above all backward): accelerated, "auto" uses
+    math there."""
+    from jetblocks import accelerate, vit
 
     calls, math_attention = [], vit.math_attention
     monkeypatch.setattr(vit, "math_attention", lambda *qkv: calls.append(1) or math_attention(*qkv))
-    layer = vit.Attention(8, 2, backend="auto")
+    layer = accelerate(vit.Attention(8, 2, backend="auto"))
     x = torch.randn(2, 5, 8)
     layer(x)
     assert calls == []  # float32: SDPA

@@ -376,3 +376,30 @@ def config_file(tmp_path, digits_config):
     path = tmp_path / "jet.json"
     path.write_text(digits_config.to_json())
     return path
+
+
+def _edit_trainer_state(run: Path, edit) -> None:
+    path = sorted((run / "checkpoints").iterdir())[-1] / "trainer.json"
+    state = json.loads(path.read_text())
+    edit(state)
+    path.write_text(json.dumps(state))
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda s: next(iter(s["optimizer"]["state"].values())).update(exp_avg=""),
+        lambda s: next(iter(s["optimizer"]["state"].values())).update(step="x"),
+        lambda s: s["optimizer"]["param_groups"][0].update(params={"__int_keys__": {"x": 1}}),
+    ],
+    ids=["entry-not-a-tensor", "step-not-a-number", "key-not-an-int"],
+)
+def test_a_doctored_trainer_state_is_refused_at_resume(tmp_path, config_file, capsys, edit):
+    args = ["train", "--config", str(config_file), *TRAIN, "--out", str(tmp_path / "run")]
+    assert main([*args, "--steps", "2"]) == 0
+    _edit_trainer_state(tmp_path / "run", edit)
+    capsys.readouterr()
+    assert main([*args, "--steps", "3", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "no intact checkpoint to resume" in err and "step_00000002" in err, err
+    assert "Traceback" not in err

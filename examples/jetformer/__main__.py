@@ -150,7 +150,10 @@ def _prompts(data: RunData, given: Sequence[str] | None):
     if data.tokenizer is None:
         classes = data.spec["model"]["vocab_size"]
         rule = Number(int, low=0, high=classes - 1)
-        ids = torch.tensor([[rule.parse(c)] for c in given])
+        try:
+            ids = torch.tensor([[rule.parse(c)] for c in given])
+        except argparse.ArgumentTypeError as error:
+            raise ValueError(f"--prompt: {error} (class ids of a {classes}-class run)") from None
         return ids, torch.ones_like(ids, dtype=torch.bool), list(given)
     ids, _, mask = data.encode(list(given))
     return ids, mask, list(given)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from jetblocks import GMMHead, Jet, JetConfig, Linear, image_bits_per_dim, rng, split_tokens
+from jetblocks import GMMHead, Jet, JetConfig, image_bits_per_dim, rng, split_tokens
 from jetblocks.autoregressive import KVCache, add_input_noise, causal_mask
 
 NORM_EPS = 1e-6
@@ -153,9 +153,9 @@ class Attention(nn.Module):
             config.head_dim,
         )
         self.rope_base = config.rope_base
-        self.query = Linear(config.width, self.heads * self.head_dim, bias=False)
-        self.key_value = Linear(config.width, 2 * self.kv_heads * self.head_dim, bias=False)
-        self.out = Linear(self.heads * self.head_dim, config.width, bias=False)
+        self.query = nn.Linear(config.width, self.heads * self.head_dim, bias=False)
+        self.key_value = nn.Linear(config.width, 2 * self.kv_heads * self.head_dim, bias=False)
+        self.out = nn.Linear(self.heads * self.head_dim, config.width, bias=False)
 
     def forward(
         self,
@@ -189,9 +189,9 @@ class GatedMLP(nn.Module):
 
     def __init__(self, width: int, hidden: int) -> None:
         super().__init__()
-        self.gate = Linear(width, hidden, bias=False)
-        self.up = Linear(width, hidden, bias=False)
-        self.down = Linear(hidden, width, bias=False)
+        self.gate = nn.Linear(width, hidden, bias=False)
+        self.up = nn.Linear(width, hidden, bias=False)
+        self.down = nn.Linear(hidden, width, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down(F.gelu(self.gate(x), approximate="tanh") * self.up(x))
@@ -272,14 +272,14 @@ class JetFormer(nn.Module):
         self.jet = Jet(config.jet_config)
         self.text_embed = nn.Embedding(config.total_vocab * config.num_vocab_repeats, config.width)
         nn.init.normal_(self.text_embed.weight, std=1.0)
-        self.image_embed = Linear(config.keep, config.width)
+        self.image_embed = nn.Linear(config.keep, config.width)
         self.decoder = Decoder(config)
         for layer in (self.image_embed, *self.decoder.modules()):
             if isinstance(layer, nn.Linear):
                 lecun_truncated_normal_(layer)
         self.text_out = None
         if config.untie_output_vocab:
-            self.text_out = Linear(config.width, config.total_vocab)
+            self.text_out = nn.Linear(config.width, config.total_vocab)
             nn.init.normal_(self.text_out.weight, std=1.0)
             nn.init.zeros_(self.text_out.bias)
         self.head = GMMHead(

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from jetblocks.acceleration import accelerate_by_default
 from jetblocks.checkpoint import atomic_file, load_model_weights, read_json, resolve_checkpoint
 from jetblocks.integrations.datasets import BUILTINS, ArraySource
 from jetblocks.integrations.sentencepiece import SentencePieceTokenizer
@@ -236,7 +237,7 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[JetFormer, RunDa
     checkpoint = resolve_checkpoint(run_dir)
     model = JetFormer(JetFormerConfig.from_dict(read_json(checkpoint / "config.json")))
     load_model_weights(model, checkpoint)
-    return model.to(device).eval(), data
+    return accelerate_by_default(model.to(device).eval(), device, inference=True), data
 
 
 __all__ = ["RunData", "load_run", "load_tokenizer", "write_run_file"]

@@ -11,6 +11,11 @@ import copy
 import torch
 from torch import nn
 
+__all__ = [
+    "perturb_parameters_",
+    "perturbed_copy",
+]
+
 
 @torch.no_grad()
 def perturb_parameters_(module: nn.Module, *, scale: float = 0.05, seed: int = 0) -> nn.Module:
