@@ -1,10 +1,11 @@
 """The JetFormer example's results: train a CPU preset, then measure it; writes JSON.
 
 One script makes every number of the example README's results table: it trains the preset
-with the example's own command (``python -m examples.jetformer train``), then runs
-``measure`` (held-out bits/dim, conditioning consistency without and with guidance judged
-by models that are not the JetFormer's own code path, captioning accuracy, sampling speed)
-and writes the two, the settings they need (threads, seed, steps) and the load averages.
+with the example's own command (``python -m examples.jetformer train``), then measures the
+run in the same process with ``benchmarks/jetformer_measure.py`` (held-out bits/dim,
+conditioning consistency without and with guidance judged by models that are not the
+JetFormer's own code path, captioning accuracy, sampling speed) and writes the two, the
+settings they need (threads, seed, steps) and the load averages.
 
 The numbers depend on the seed and the number of intra-op threads (summation order) and on
 nothing else; the wall time needs an otherwise idle machine.
@@ -27,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from jetformer_measure import measure
 from throughput import parse_args, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +37,7 @@ from examples.jetformer.__main__ import build_parser  # noqa: E402
 
 
 def run(argv: list[str]) -> dict:
-    """One sub-command of the example, in this process; its result dict."""
+    """One sub-command of the example (here ``train``), in this process; its result dict."""
     args = build_parser().parse_args(argv)
     return args.run(args)
 
@@ -68,10 +70,7 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     trained = run(train)
     wall = time.perf_counter() - start
-    measured = run(
-        ["measure", "--run", str(run_dir), "--per-prompt", str(args.per_prompt),
-         "--scenes", str(args.scenes), *common]
-    )  # fmt: skip
+    measured = measure(run_dir, per_prompt=args.per_prompt, scenes=args.scenes, seed=args.seed)
     if not args.run_dir:
         shutil.rmtree(run_dir)
     write_report(

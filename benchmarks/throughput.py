@@ -336,7 +336,7 @@ def workloads(
         infer = torch.compile(inference, backend=compile_backend)
         inverse = torch.compile(inference.decode, backend=compile_backend)
     if mode == "frozen":  # the library's frozen inference (raw bijections, as eager times)
-        frozen = copy.deepcopy(jet).frozen(backend=compile_backend)  # training moves `jet`
+        frozen = copy.deepcopy(jet).compiled(backend=compile_backend)  # training moves `jet`
         infer = frozen.forward
         inverse = lambda z: frozen.inverse(z)[0]  # noqa: E731
     autocast = torch.autocast(torch.device(device).type, torch.bfloat16, enabled=bf16)

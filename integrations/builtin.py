@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from jetblocks.extras import require
+from jetblocks.optional import require
 
 __all__ = [
     "PHOTO_PATCHES_TEST",

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from jetblocks.extras import require
 from jetblocks.integrations import builtin
+from jetblocks.optional import require
 
 __all__ = [
     "ArraySource",

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from jetblocks.checkpoint import atomic_file
-from jetblocks.extras import require
+from jetblocks.optional import require
 
 __all__ = [
     "GRID_FORMATS",

@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 
 from jetblocks.checkpoint import atomic_file
-from jetblocks.extras import require
 from jetblocks.integrations.datasets import DataError
+from jetblocks.optional import require
 
 __all__ = ["EOS_ID", "PAD_ID", "UNK_ID", "SentencePieceTokenizer"]
 

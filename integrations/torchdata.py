@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from jetblocks.extras import missing_dependency
+from jetblocks.optional import missing_dependency
 
 try:
     from torchdata.nodes import BaseNode, Loader, Mapper, ParallelMapper, Prefetcher

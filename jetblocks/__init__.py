@@ -3,9 +3,10 @@
 Layers, each importing only from the ones above it:
 
 1. The flow maths (torch and einops only): ``linear``, ``flow``, ``couplings``, ``vit``,
-   ``latents``, ``likelihood``, ``memory``, ``heads``, ``jetformer``, ``autoregressive``; with
-   ``checkpoint`` (safetensors files) and ``extras`` (optional dependencies), ``jet`` (the
-   model and its latent API).
+   ``latents``, ``likelihood``, ``memory``, ``heads``, ``curriculum``, ``autoregressive``; with
+   ``checkpoint`` (safetensors files), ``model_card`` (the README.md beside every save),
+   ``hub`` (the Hugging Face Hub) and ``optional`` (optional dependencies), ``jet`` (the
+   model and its latent API) and ``export`` (its graphs for ONNX and ``torch.export``).
 2. ``jetblocks.integrations``: adapters to other software: data sources and
    ``torchdata`` pipelines, image files and grids, big_vision checkpoints, sentencepiece,
    ``torchrun`` process groups and model wrapping (``distributed``).
@@ -15,23 +16,27 @@ Layers, each importing only from the ones above it:
 public API of all three.
 """
 
+from jetblocks import multiscale as _multiscale  # noqa: F401 (registers it for load_pretrained)
 from jetblocks.acceleration import accelerate, decelerate
 from jetblocks.couplings import AffineCoupling, ChannelSplit, SpatialSplit
+from jetblocks.curriculum import NoiseCurriculum
 from jetblocks.flow import Flow, FlowSequence, Inverse
 from jetblocks.heads import GaussianMixture, GMMHead, guided_gaussian, sample_guided
 from jetblocks.jet import PRESETS, Jet, JetConfig
-from jetblocks.jetformer import NoiseCurriculum, image_bits_per_dim
 from jetblocks.latents import merge_tokens, patchify, split_tokens, unpatchify
 from jetblocks.likelihood import (
     bin_centers,
     bits_per_dim,
     dequantize,
+    image_bits_per_dim,
     standard_normal_log_prob,
     to_uint8,
 )
+from jetblocks.pretrained import load_pretrained
+from jetblocks.version import VERSION
 from jetblocks.vit import ViTConditioner
 
-__version__ = "0.1.0"
+__version__ = VERSION
 
 __all__ = [
     "PRESETS",
@@ -54,6 +59,7 @@ __all__ = [
     "dequantize",
     "guided_gaussian",
     "image_bits_per_dim",
+    "load_pretrained",
     "merge_tokens",
     "patchify",
     "sample_guided",

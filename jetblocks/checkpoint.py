@@ -8,7 +8,9 @@ by references); :func:`load_state` rebuilds it. Integer dict keys survive the ro
 Integrity: every ``.safetensors`` file written here carries a SHA-256 of its tensors in its
 header, checked on every read, so flipped or truncated bytes are refused instead of loaded.
 ``model.safetensors`` also carries the model's configuration, so an edited ``config.json``
-(a changed ``num_heads`` that no tensor shape reveals) is refused too.
+(a changed ``num_heads`` that no tensor shape reveals) is refused too. Beside them, a model's
+folder holds its model card, ``README.md`` (:mod:`jetblocks.model_card`), which is never read
+back: it describes the model for people and the Hugging Face Hub.
 
 Every file is written under a temporary name beside its target and renamed into place
 (:func:`atomic_file`), and a checkpoint directory is built under a temporary name
@@ -24,13 +26,14 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from jetblocks.model_card import check_card, is_ours, render_card
 from jetblocks.validation import CheckpointError, CorruptCheckpointError, parse_json
 
 # The stable API; the other public helpers are the library's own plumbing.
@@ -51,6 +54,7 @@ __all__ = [
 _TENSOR, _INT_KEYS, _TUPLE = "__tensor__", "__int_keys__", "__tuple__"
 FORMAT_KEY, DIGEST_KEY, CONFIG_KEY = "jetblocks", "sha256", "config"
 _MODEL_FILES = ("config.json", "model.safetensors")
+CARD_FILE = "README.md"  # the model card (jetblocks.model_card)
 
 
 # -- permissions and atomic writes -----------------------------------------------------------
@@ -270,12 +274,23 @@ def _canonical(config: dict[str, Any]) -> str:
 
 
 def write_model_files(
-    directory: Path, state_dict: dict[str, Tensor], config: dict[str, Any]
+    directory: Path,
+    state_dict: dict[str, Tensor],
+    config: dict[str, Any],
+    card: Mapping[str, Any] | None = None,
 ) -> None:
-    """Write ``model.safetensors`` (weights, their digest and ``config``) and then
-    ``config.json`` into ``directory``, each atomically."""
+    """Write ``model.safetensors`` (weights, their digest and ``config``), ``config.json``
+    and the model card ``README.md`` (see :mod:`jetblocks.model_card`; ``card`` says what is
+    known of the model) into ``directory``, each atomically. A ``README.md`` there that
+    jetblocks did not write is kept as it is."""
+    directory = Path(directory)
+    text = render_card(config, card)  # a bad card is refused before anything is written
     write_tensors(directory / "model.safetensors", state_dict, {CONFIG_KEY: _canonical(config)})
     _write_json(directory / "config.json", config)
+    readme = directory / CARD_FILE
+    if is_ours(readme):
+        with atomic_file(readme) as staging:
+            staging.write_text(text, encoding="utf-8")
 
 
 def _is_model_directory(directory: str | os.PathLike) -> bool:
@@ -291,13 +306,23 @@ def _is_model_directory(directory: str | os.PathLike) -> bool:
 
 
 def save_model(
-    model: torch.nn.Module, config: dict[str, Any], directory: str | os.PathLike
+    model: torch.nn.Module,
+    config: dict[str, Any],
+    directory: str | os.PathLike,
+    card: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write ``config.json`` and ``model.safetensors`` into ``directory``, each atomically.
+    """Write ``config.json``, ``model.safetensors`` and the model card ``README.md`` (its
+    class and parameter count added to ``card``) into ``directory``, each atomically.
 
     Nothing else in ``directory`` is touched. A ``config.json`` or ``model.safetensors``
-    there that jetblocks did not write is never overwritten: the save is refused.
+    there that jetblocks did not write is never overwritten: the save is refused. A
+    ``README.md`` there that jetblocks did not write is kept, and the model saved beside it.
     """
+    card = {
+        "model_class": type(model).__name__,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        **check_card(card),
+    }
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise CheckpointError(f"cannot save a model as {directory}: it is a file, not a folder")
@@ -309,7 +334,7 @@ def save_model(
                 "and would be overwritten; choose another folder"
             )
     directory.mkdir(parents=True, exist_ok=True)
-    write_model_files(directory, model.state_dict(), config)
+    write_model_files(directory, model.state_dict(), config, card)
     return directory
 
 

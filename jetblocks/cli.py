@@ -1,15 +1,19 @@
-"""The ``jetblocks`` command: train, eval, sample, encode and decode Jet models (and the
-multi-scale flows of :mod:`jetblocks.multiscale`).
+"""The ``jetblocks`` command: train, eval, sample, encode, decode and export Jet models (and
+the multi-scale flows of :mod:`jetblocks.multiscale`).
 
     jetblocks train --preset mnist --data mnist5k --steps 600 --out runs/demo
     jetblocks eval --checkpoint runs/demo --data mnist5k --split test
     jetblocks sample --checkpoint runs/demo --n 16 --temperature 0.8 --out samples.png
     jetblocks encode --checkpoint runs/demo --data mnist5k --split test --out tokens.safetensors
     jetblocks decode --checkpoint runs/demo --tokens tokens.safetensors --out decoded.png
+    jetblocks diagnose runs/demo
+    jetblocks export --checkpoint runs/demo --format onnx --out exported/
 
 ``--checkpoint`` takes a training run's directory (its newest checkpoint is used), one
-checkpoint directory, or a ``save_pretrained`` directory. Under ``torchrun`` the
-``train`` command runs data-parallel (``--distributed ddp``, the default, or ``fsdp``).
+checkpoint directory, a ``save_pretrained`` directory, or a Hugging Face Hub repo id
+(``org/name``, downloaded into the Hub's cache; a local path of that name wins). Under
+``torchrun`` the ``train`` command runs data-parallel (``--distributed ddp``, the default, or
+``fsdp``).
 """
 
 from __future__ import annotations
@@ -30,12 +34,13 @@ import torch
 from jetblocks.acceleration import accelerate_by_default
 from jetblocks.checkpoint import CheckpointError, read_json
 from jetblocks.config import add_arguments, arguments_of
-from jetblocks.extras import missing_dependency
+from jetblocks.export import EXPORT_FORMATS
 from jetblocks.flow import BACKPROP_MODES
 from jetblocks.imageflow import ImageFlow
 from jetblocks.jet import PRESETS, JetConfig
 from jetblocks.likelihood import to_uint8
 from jetblocks.multiscale import MULTISCALE_PRESETS, MultiScaleConfig
+from jetblocks.optional import missing_dependency
 from jetblocks.pretrained import build_model, load_pretrained, model_class
 from jetblocks.train import DivergenceError, TrainConfig, TrainingInterrupted
 from jetblocks.validation import NON_NEGATIVE, POSITIVE_INT, SEED
@@ -163,6 +168,7 @@ def cmd_train(args) -> None:
         eval_batches=eval_batches,
         out_dir=args.out,
         env=env,
+        card={"data": args.data},
     )
     if env.is_main:
         params = sum(p.numel() for p in trainer.model.parameters())
@@ -295,6 +301,32 @@ def cmd_decode(args) -> None:
     print(f"decoded {len(files):,} images into {out}/ (one PNG per image)")
 
 
+def cmd_export(args) -> None:
+    from jetblocks.export import export_flow
+
+    flow = load_model(args.checkpoint, torch.device("cpu"))  # exported from a plain copy
+    description = export_flow(flow, args.out, args.format)
+    files = [description[graph]["file"] for graph in ("encode", "decode")] + ["export.json"]
+    sizes = ", ".join(f"{name} ({_file_size(Path(args.out) / name)})" for name in files)
+    model = description["model"]
+    print(f"exported {model} encode and decode ({args.format}) into {args.out}: {sizes}")
+
+
+def _file_size(path: Path) -> str:
+    size = path.stat().st_size
+    return f"{size / 1e6:.1f} MB" if size >= 100_000 else f"{size / 1e3:.1f} kB"
+
+
+def cmd_diagnose(args) -> None:
+    from jetblocks.diagnostics import report
+    from jetblocks.run_folder import read_metrics
+
+    run = Path(args.run_dir)
+    if not (run / "metrics.jsonl").is_file():
+        raise ValueError(f"{run} is not a training run (it has no metrics.jsonl)")
+    print(report(read_metrics(run)))
+
+
 # -- argument parsing --------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -396,6 +428,31 @@ def build_parser() -> argparse.ArgumentParser:
         "(named after the encoded files, else their index)",
     )
     decode.set_defaults(run=cmd_decode)
+
+    diagnose = commands.add_parser(
+        "diagnose", help="a run's loss split, couplings and gradient norms, as logged"
+    )
+    diagnose.add_argument("run_dir", metavar="RUN", help="a training run's folder")
+    diagnose.add_argument("--threads", type=_positive_int, default=None, help=argparse.SUPPRESS)
+    diagnose.set_defaults(run=cmd_diagnose)
+
+    export = commands.add_parser(
+        "export", help="encode and decode graphs for onnxruntime (ONNX) or torch.export"
+    )
+    export.add_argument(
+        "--format",
+        default="onnx",
+        choices=EXPORT_FORMATS,
+        help="onnx: encode.onnx and decode.onnx (onnxruntime; needs jetblocks[export]); "
+        "torch: encode.pt2 and decode.pt2 (torch.export.load) (default: onnx)",
+    )
+    export.add_argument(
+        "--out",
+        required=True,
+        help="a folder for the two graphs and export.json (existing export files are refused)",
+    )
+    _checkpoint_arguments(export, seed=False, device=False)  # graphs are traced on the CPU
+    export.set_defaults(run=cmd_export)
     return parser
 
 
@@ -417,12 +474,15 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _runtime_arguments(parser: argparse.ArgumentParser, seed: bool = True) -> None:
+def _runtime_arguments(
+    parser: argparse.ArgumentParser, seed: bool = True, device: bool = True
+) -> None:
     if seed:
         parser.add_argument(
             "--seed", type=SEED.parse, default=0, help="seed of data order and noise"
         )
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    if device:
+        parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument(
         "--threads",
         type=_positive_int,
@@ -432,13 +492,16 @@ def _runtime_arguments(parser: argparse.ArgumentParser, seed: bool = True) -> No
     )
 
 
-def _checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+def _checkpoint_arguments(
+    parser: argparse.ArgumentParser, seed: bool = True, device: bool = True
+) -> None:
     parser.add_argument(
         "--checkpoint",
         required=True,
-        help="a run directory, a checkpoint or a save_pretrained directory",
+        help="a run directory, a checkpoint, a save_pretrained directory, or a Hugging Face "
+        "Hub repo id org/name (HF_HUB_OFFLINE=1: from the cache only)",
     )
-    _runtime_arguments(parser)
+    _runtime_arguments(parser, seed=seed, device=device)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

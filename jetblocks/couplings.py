@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from jetblocks.flow import Flow, Rebuilt, logdet_dtype, zero_logdet
+from jetblocks.validation import Shape
 
 __all__ = [
     "SPATIAL_PATTERNS",
@@ -35,12 +36,6 @@ SPATIAL_PATTERNS = (
 )
 
 
-def _check_tokens(x: Tensor, num_tokens: int | None, dim: int, who: str) -> None:
-    expected = f"[B, {num_tokens if num_tokens is not None else 'N'}, {dim}]"
-    if x.dim() != 3 or x.shape[-1] != dim or (num_tokens is not None and x.shape[1] != num_tokens):
-        raise ValueError(f"{who} expects tokens of shape {expected}, got {list(x.shape)}")
-
-
 class ChannelSplit(Flow):
     """Split every token's ``D`` dims by a fixed random permutation ``perm``.
 
@@ -53,16 +48,17 @@ class ChannelSplit(Flow):
         if dim < 2 or dim % 2:
             raise ValueError(f"ChannelSplit needs an even token dim >= 2, got {dim}")
         self.dim = dim
+        self.accepts = Shape(("B", "N", dim))
         generator = torch.Generator().manual_seed(seed)
         perm = torch.randperm(dim, generator=generator, device="cpu")
         self.register_buffer("perm", perm.to(torch.get_default_device()))
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        _check_tokens(x, None, self.dim, type(self).__name__)
+        self.accepts.check(x, type(self).__name__)
         return x[..., self.perm], zero_logdet(x)
 
     def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        _check_tokens(y, None, self.dim, type(self).__name__)
+        self.accepts.check(y, type(self).__name__)
         return torch.index_copy(torch.empty_like(y), -1, self.perm, y), zero_logdet(y)
 
     def extra_repr(self) -> str:
@@ -113,17 +109,18 @@ class SpatialSplit(Flow):
             raise ValueError(f"SpatialSplit needs an even token dim >= 2, got {dim}")
         self.grid, self.dim, self.pattern = tuple(grid), dim, pattern
         self.num_tokens = grid[0] * grid[1]
+        self.accepts = Shape(("B", self.num_tokens, dim))
         order = torch.cat(spatial_halves(pattern, self.grid))
         self.register_buffer("order", order.to(torch.get_default_device()))
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        _check_tokens(x, self.num_tokens, self.dim, type(self).__name__)
+        self.accepts.check(x, type(self).__name__)
         halves = x[:, self.order].chunk(2, dim=1)
         cut = [einops.rearrange(h, "b n (s c) -> b (n s) c", s=2) for h in halves]
         return torch.cat(cut, dim=-1), zero_logdet(x)
 
     def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        _check_tokens(y, self.num_tokens, self.dim, type(self).__name__)
+        self.accepts.check(y, type(self).__name__)
         halves = [einops.rearrange(h, "b (n s) c -> b n (s c)", s=2) for h in y.chunk(2, dim=-1)]
         gathered = torch.cat(halves, dim=1)
         return torch.index_copy(torch.empty_like(y), 1, self.order, gathered), zero_logdet(y)

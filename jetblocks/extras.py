@@ -1,54 +1,13 @@
-"""Optional dependencies: the extra that installs each, and a one-line error when one is missing.
+"""Deprecated: the optional-dependency helpers are in :mod:`jetblocks.optional`."""
 
-The core (``pip install jetblocks``: torch, einops, numpy, safetensors, tqdm) builds, encodes,
-decodes, trains and saves models. Data pipelines, image files and the built-in datasets need
-the ``data`` extra, the property-test kit the ``testing`` extra, xformers the ``gpu`` extra.
-"""
+import warnings
 
-from __future__ import annotations
+from jetblocks.optional import EXTRAS, MissingDependencyError, missing_dependency, require
 
-import importlib
-from types import ModuleType
+__all__ = ["EXTRAS", "MissingDependencyError", "missing_dependency", "require"]
 
-__all__ = [
-    "EXTRAS",
-    "MissingDependencyError",
-    "missing_dependency",
-    "require",
-]
-
-# top-level module -> (pip package, jetblocks extra that installs it)
-EXTRAS = {
-    "PIL": ("pillow", "data"),
-    "torchdata": ("torchdata", "data"),
-    "mlxtend": ("mlxtend", "data"),
-    "sklearn": ("scikit-learn", "data"),
-    "skimage": ("scikit-image", "data"),
-    "sentencepiece": ("sentencepiece", "data"),
-    "hypothesis": ("hypothesis", "testing"),
-    "xformers": ("xformers", "gpu"),
-}
-
-
-class MissingDependencyError(ModuleNotFoundError):
-    """An optional dependency is not installed; the message says how to install it."""
-
-
-def missing_dependency(error: ModuleNotFoundError, feature: str = "this") -> ModuleNotFoundError:
-    """``error`` (a failed import) restated as one line naming the package and its extra."""
-    if isinstance(error, MissingDependencyError):
-        return error
-    top = (error.name or "").split(".")[0]
-    package, extra = EXTRAS.get(top, (top, None))
-    install = f"pip install 'jetblocks[{extra}]'" if extra else f"pip install {package}"
-    return MissingDependencyError(
-        f"{feature} needs {package}, which is not installed: {install}", name=error.name
-    )
-
-
-def require(module: str, feature: str) -> ModuleType:
-    """Import ``module`` for ``feature``, or raise :class:`MissingDependencyError`."""
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as error:
-        raise missing_dependency(error, feature) from None
+warnings.warn(
+    "jetblocks.extras is deprecated: import from jetblocks.optional",
+    DeprecationWarning,
+    stacklevel=2,
+)

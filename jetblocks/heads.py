@@ -34,6 +34,7 @@ from jetblocks.validation import (
     POSITIVE_INT,
     SAMPLER,
     TEMPERATURE,
+    Shape,
     checked,
 )
 
@@ -140,8 +141,7 @@ class GMMHead(nn.Module):
 
     def forward(self, h: Tensor) -> GaussianMixture:
         """The mixture at every position of ``h [..., width]``, computed in float32."""
-        if h.shape[-1] != self.width:
-            raise ValueError(f"GMMHead expects h [..., {self.width}], got {list(h.shape)}")
+        Shape(("...", self.width)).check(h, "GMMHead", "h")
         with torch.autocast(h.device.type, enabled=False):
             proj = self.proj
             if proj.weight.dtype == torch.float32:

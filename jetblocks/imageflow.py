@@ -31,9 +31,9 @@ from jetblocks.likelihood import (
     standard_normal_log_prob,
 )
 from jetblocks.pretrained import Pretrained
-from jetblocks.validation import COUNT, TEMPERATURE, checked
+from jetblocks.validation import COUNT, TEMPERATURE, Shape, checked
 
-__all__ = ["FrozenFlow", "ImageFlow"]
+__all__ = ["CompiledFlow", "ImageFlow"]
 
 
 class ImageFlow(Flow, Pretrained):
@@ -103,13 +103,22 @@ class ImageFlow(Flow, Pretrained):
         """Bits per dimension ``[B]`` (uint8 input is uniformly dequantized first)."""
         return bits_per_dim(*self.encode(images, context, noise=True, generator=generator))
 
-    def frozen(self, *, backend: str = "inductor") -> FrozenFlow:
+    def compiled(self, *, backend: str = "inductor") -> CompiledFlow:
         r"""This flow's :meth:`encode` and :meth:`decode` compiled for inference with the
-        weights frozen as they are now (see :class:`FrozenFlow`). On a CPU the flow is first
+        weights frozen as they are now (see :class:`CompiledFlow`). On a CPU the flow is first
         :func:`~jetblocks.acceleration.accelerate`\ d for inference, in place (same
         weights; ``JETBLOCKS_ACCELERATE=0`` turns it off)."""
         device = next(self.parameters()).device
-        return FrozenFlow(accelerate_by_default(self, device, inference=True), backend=backend)
+        return CompiledFlow(accelerate_by_default(self, device, inference=True), backend=backend)
+
+    def frozen(self, *, backend: str = "inductor") -> CompiledFlow:
+        """Deprecated name of :meth:`compiled`."""
+        warnings.warn(
+            "ImageFlow.frozen() is now compiled() (compiled, with the weights frozen)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.compiled(backend=backend)
 
     def _check(self, x: Tensor, what: str, event_shape: tuple[int, ...], layout: str) -> None:
         """Refuse a tensor of the wrong rank, shape, device or dtype (metadata only: no
@@ -129,7 +138,7 @@ class ImageFlow(Flow, Pretrained):
         self, x: Tensor, what: str, event_shape: tuple[int, ...], layout: str
     ) -> None:
         """Refuse a tensor of the wrong rank or shape, or on another device than the weights."""
-        _check_shape(x, what, event_shape, layout)
+        Shape(("B", *event_shape)).check(x, type(self).__name__, f"{what} ({layout})")
         device = next(self.parameters()).device
         if x.device != device:
             model = type(self).__name__
@@ -161,7 +170,7 @@ class ImageFlow(Flow, Pretrained):
         return images
 
 
-class FrozenFlow:
+class CompiledFlow:
     """Fast inference: a flow's ``encode`` / ``decode`` as ``torch.compile`` graphs with
     Inductor's *freezing*: the weights become constants, so the compiler folds what depends
     on them only (and pre-packs the weights of plain ``nn.Linear`` layers; accelerated
@@ -186,7 +195,7 @@ class FrozenFlow:
     def _check_weights(self) -> None:
         if self._weight_versions() != self._versions:
             raise RuntimeError(
-                "the flow's weights changed after freezing; call flow.frozen() again"
+                "the flow's weights changed after freezing; call flow.compiled() again"
             )
 
     @torch.no_grad()
@@ -223,14 +232,6 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_shape(x: Tensor, what: str, event_shape: tuple[int, ...], layout: str) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != len(event_shape) + 1 or tuple(x.shape[1:]) != event_shape:
-        expected = ", ".join(map(str, event_shape))
-        raise ValueError(f"{what} must have shape {layout} = [B, {expected}], got {list(x.shape)}")
-
-
 def _check_finite(x: Tensor, what: str) -> None:
     """Refuse NaN or inf at a public entry point (one device sync; skipped when compiling)."""
     if isinstance(x, Tensor) and not torch.compiler.is_compiling() and not torch.isfinite(x).all():
@@ -256,4 +257,7 @@ def __getattr__(name: str) -> Any:
             stacklevel=2,
         )
         return _ConfigDict
+    if name == "FrozenFlow":
+        warnings.warn("FrozenFlow is now CompiledFlow", DeprecationWarning, stacklevel=2)
+        return CompiledFlow
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

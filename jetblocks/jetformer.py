@@ -1,99 +1,16 @@
-"""JetFormer's image likelihood pieces: the joint image NLL and the noise curriculum.
+"""Deprecated: ``NoiseCurriculum`` is in :mod:`jetblocks.curriculum` and
+``image_bits_per_dim`` in :mod:`jetblocks.likelihood` (both also at the top level)."""
 
-JetFormer (arXiv 2411.19722) trains Jet and an autoregressive model jointly. With
-``z, logdet = jet(x + u)`` and ``kept, factored = split_tokens(z, keep)``, the AR model scores
-``kept`` (a GMM NLL per token, :class:`jetblocks.heads.GMMHead`) and the ``factored`` dims get
-a standard-normal prior. In bits per pixel-dim (``D_px = H*W*C``):
+import warnings
 
-    nll_image = [sum_i gmm_nll_i + sum -log N(factored; 0, 1)] / (D_px ln 2)
-                - (logdet / D_px - ln 127.5) / ln 2
-
-which is :func:`jetblocks.likelihood.bits_per_dim` with the kept dims' prior replaced by
-the AR model.
-"""
-
-from __future__ import annotations
-
-import math
-
-import torch
-from torch import Tensor
-
-from jetblocks import rng
-from jetblocks.likelihood import nats_to_bits_per_dim, pixels_to_unit, standard_normal_log_prob
-from jetblocks.validation import COUNT, NON_NEGATIVE, POSITIVE_INT, checked
+from jetblocks.curriculum import NoiseCurriculum
+from jetblocks.likelihood import image_bits_per_dim
 
 __all__ = ["NoiseCurriculum", "image_bits_per_dim"]
 
-
-@checked(num_dims=POSITIVE_INT)
-def image_bits_per_dim(gmm_nll: Tensor, factored: Tensor, logdet: Tensor, num_dims: int) -> Tensor:
-    """JetFormer's image NLL ``[B]`` in bits per pixel-dim (see the module docstring).
-
-    ``gmm_nll``: the AR model's ``-log p`` (nats) of the kept dims, per token ``[B, N]`` or
-    summed ``[B]``; ``factored``: the factored-out dims ``[B, N, D - keep]`` (may be empty);
-    ``logdet``: Jet's log-det ``[B]``; ``num_dims``: ``D_px = H*W*C``. The three must agree
-    on the batch size ``B``.
-    """
-    if logdet.dim() != 1 or gmm_nll.dim() < 1 or factored.dim() < 1:
-        raise ValueError(
-            f"image_bits_per_dim expects gmm_nll [B, N] or [B], factored [B, N, D - keep] and "
-            f"logdet [B], got {list(gmm_nll.shape)}, {list(factored.shape)}, "
-            f"{list(logdet.shape)}"
-        )
-    if not len(gmm_nll) == len(factored) == len(logdet):
-        raise ValueError(
-            f"image_bits_per_dim: batch sizes differ: gmm_nll {list(gmm_nll.shape)}, "
-            f"factored {list(factored.shape)}, logdet {list(logdet.shape)}"
-        )
-    ar = gmm_nll.flatten(1).sum(1) if gmm_nll.dim() > 1 else gmm_nll
-    prior = -standard_normal_log_prob(factored) if factored.numel() else torch.zeros_like(ar)
-    return nats_to_bits_per_dim(ar.to(prior.dtype) + prior, logdet, num_dims)
-
-
-class NoiseCurriculum:
-    """Rounded RGB noise with a cosine-decaying scale, applied to training images.
-
-    ``sigma(t) = sigma_end + (sigma_start - sigma_end) * (1 + cos(pi * t / T)) / 2`` and, in
-    0..255 units, ``x255 = round(round((x + 1) * 127.5) + sigma(t) * n)``, ``n ~ N(0, 1)``,
-    not clipped; the result is returned as ``x255 / 127.5 - 1`` (the left edge of the uint8
-    bin, ready for uniform dequantization). The reference uses ``sigma_start = 64`` and
-    ``sigma_end = 0`` (class-conditional) or ``3`` (text-to-image). Evaluation uses none.
-    """
-
-    @checked(sigma_start=NON_NEGATIVE, sigma_end=NON_NEGATIVE, total_steps=POSITIVE_INT)
-    def __init__(
-        self, sigma_start: float = 64.0, sigma_end: float = 0.0, total_steps: int = 1
-    ) -> None:
-        self.sigma_start, self.sigma_end, self.total_steps = sigma_start, sigma_end, total_steps
-
-    def sigma(self, step: int) -> float:
-        """The noise std at ``step`` in 0..255 pixel units (``sigma_end`` from ``T`` on)."""
-        progress = min(max(step / self.total_steps, 0.0), 1.0)
-        cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
-        return self.sigma_end + (self.sigma_start - self.sigma_end) * cosine
-
-    @checked(step=COUNT)
-    def __call__(
-        self,
-        images: Tensor,
-        step: int,
-        *,
-        rows: Tensor | None = None,
-        generator: rng.Generator = None,
-    ) -> Tensor:
-        """Noisy float32 images in ``[-1, 1]`` units from uint8 pixels or floats in ``[-1, 1]``,
-        with the standard-normal draws from ``generator``. They are bins' left edges:
-        :func:`jetblocks.dequantize` adds the uniform noise. ``rows`` (bool ``[B]``) limits
-        the noise to those images (the reference's ``rgb_noise_on_image_prefix=False``
-        leaves captioning rows clean)."""
-        if images.dtype == torch.uint8:
-            pixels = images.float()
-        else:
-            pixels = torch.round((images.float() + 1.0) * 127.5)
-        normal = rng.randn(pixels.shape, generator=generator, like=pixels)
-        sigma = torch.full((len(pixels),), self.sigma(step), device=pixels.device)
-        if rows is not None:
-            sigma = torch.where(rows.to(pixels.device), sigma, 0.0)
-        noisy = torch.round(pixels + sigma.view(-1, *[1] * (pixels.dim() - 1)) * normal)
-        return pixels_to_unit(noisy)
+warnings.warn(
+    "jetblocks.jetformer is deprecated: import NoiseCurriculum from jetblocks.curriculum and "
+    "image_bits_per_dim from jetblocks.likelihood (or both from jetblocks)",
+    DeprecationWarning,
+    stacklevel=2,
+)

@@ -7,6 +7,13 @@ With ``z, logdet = flow(x + u)`` over ``D`` dims and a standard-normal prior:
     nll = sum_d (z_d^2 / 2 + ln(2 pi) / 2 + ln 127.5),    bpd = (nll - logdet) / (D ln 2)
 
 where ``ln 127.5`` turns a density over ``[-1, 1]`` units into one over uint8 bins.
+
+JetFormer (arXiv 2411.19722) replaces the prior of the first ``keep`` dims of every token
+with an autoregressive model's (a GMM NLL per token, :class:`jetblocks.heads.GMMHead`); the
+factored-out dims keep the standard normal. :func:`image_bits_per_dim` is that image NLL:
+
+    nll_image = [sum_i gmm_nll_i + sum -log N(factored; 0, 1)] / (D ln 2)
+                - (logdet / D - ln 127.5) / ln 2
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ __all__ = [
     "bin_centers",
     "bits_per_dim",
     "dequantize",
+    "image_bits_per_dim",
     "nats_to_bits_per_dim",
     "pixels_to_unit",
     "standard_normal_log_prob",
@@ -93,3 +101,28 @@ def nats_to_bits_per_dim(latent_nll: Tensor, logdet: Tensor, num_dims: int) -> T
     ``[B]`` from the latents' NLL in nats and the flow's log-det (``D = num_dims`` pixels,
     each uint8 bin ``1/127.5`` wide in ``[-1, 1]`` units)."""
     return (latent_nll + num_dims * math.log(127.5) - logdet) / (num_dims * math.log(2))
+
+
+@checked(num_dims=POSITIVE_INT)
+def image_bits_per_dim(gmm_nll: Tensor, factored: Tensor, logdet: Tensor, num_dims: int) -> Tensor:
+    """JetFormer's image NLL ``[B]`` in bits per pixel-dim (see the module docstring).
+
+    ``gmm_nll``: the AR model's ``-log p`` (nats) of the kept dims, per token ``[B, N]`` or
+    summed ``[B]``; ``factored``: the factored-out dims ``[B, N, D - keep]`` (may be empty);
+    ``logdet``: Jet's log-det ``[B]``; ``num_dims``: ``D_px = H*W*C``. The three must agree
+    on the batch size ``B``.
+    """
+    if logdet.dim() != 1 or gmm_nll.dim() < 1 or factored.dim() < 1:
+        raise ValueError(
+            f"image_bits_per_dim expects gmm_nll [B, N] or [B], factored [B, N, D - keep] and "
+            f"logdet [B], got {list(gmm_nll.shape)}, {list(factored.shape)}, "
+            f"{list(logdet.shape)}"
+        )
+    if not len(gmm_nll) == len(factored) == len(logdet):
+        raise ValueError(
+            f"image_bits_per_dim: batch sizes differ: gmm_nll {list(gmm_nll.shape)}, "
+            f"factored {list(factored.shape)}, logdet {list(logdet.shape)}"
+        )
+    ar = gmm_nll.flatten(1).sum(1) if gmm_nll.dim() > 1 else gmm_nll
+    prior = -standard_normal_log_prob(factored) if factored.numel() else torch.zeros_like(ar)
+    return nats_to_bits_per_dim(ar.to(prior.dtype) + prior, logdet, num_dims)

@@ -30,12 +30,19 @@ from torch import Tensor, nn
 
 from jetblocks.config import Config, PatchGrid, setting
 from jetblocks.couplings import AffineCoupling, ChannelSplit
-from jetblocks.flow import BACKPROP_MODES, Flow, FlowSequence, Rebuilt, logdet_dtype
+from jetblocks.flow import (
+    BACKPROP_MODES,
+    Flow,
+    FlowSequence,
+    Rebuilt,
+    logdet_dtype,
+    zero_logdet,
+)
 from jetblocks.imageflow import ImageFlow, _is_int
 from jetblocks.jet import MAX_TOKEN_DIM, MAX_TOKENS, SIZE
 from jetblocks.latents import merge_tokens, patchify, split_tokens, unpatchify
 from jetblocks.likelihood import PIXEL_BIN
-from jetblocks.validation import POSITIVE, SEED, Choice, Items, Number
+from jetblocks.validation import POSITIVE, SEED, Choice, Items, Number, Shape
 
 __all__ = [
     "MULTISCALE_PRESETS",
@@ -99,24 +106,26 @@ class Repatchify(Flow):
         if grid[0] % factor or grid[1] % factor:
             raise ValueError(f"Repatchify: grid {tuple(grid)} is not divisible by {factor}")
         self.grid, self.dim, self.factor = tuple(grid), dim, factor
+        self.accepts = Shape(("B", grid[0] * grid[1], dim))
+        self.returns = Shape(("B", grid[0] * grid[1] // factor**2, dim * factor**2))
 
     @property
     def output_grid(self) -> tuple[int, int]:
         return self.grid[0] // self.factor, self.grid[1] // self.factor
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        _check_grid_tokens(x, self.grid, self.dim, "Repatchify")
+        self.accepts.check(x, f"Repatchify on a {self.grid[0]}x{self.grid[1]} grid")
         h, w = self.output_grid
         y = einops.rearrange(x, "b (h p w q) c -> b (h w) (p q c)", h=h, w=w, p=self.factor)
-        return y, x.new_zeros(len(x), dtype=logdet_dtype(x))
+        return y, zero_logdet(x)
 
     def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        _check_grid_tokens(y, self.output_grid, self.dim * self.factor**2, "Repatchify.inverse")
+        self.returns.check(y, "Repatchify.inverse")
         h, w = self.output_grid
         x = einops.rearrange(
             y, "b (h w) (p q c) -> b (h p w q) c", h=h, w=w, p=self.factor, q=self.factor
         )
-        return x, y.new_zeros(len(y), dtype=logdet_dtype(y))
+        return x, zero_logdet(y)
 
     def extra_repr(self) -> str:
         return f"grid={self.grid}, dim={self.dim}, factor={self.factor}"
@@ -233,15 +242,6 @@ class ConvConditioner(nn.Module):
             h = h + block(h)
         out = self.head(F.gelu(h))
         return einops.rearrange(out, "b c h w -> b (h w) c")
-
-
-def _check_grid_tokens(x: Tensor, grid: tuple[int, int], dim: int, who: str) -> None:
-    expected = (grid[0] * grid[1], dim)
-    if x.dim() != 3 or tuple(x.shape[1:]) != expected:
-        raise ValueError(
-            f"{who} expects tokens [B, {expected[0]}, {expected[1]}] on a {grid[0]}x{grid[1]} "
-            f"grid, got {list(x.shape)}"
-        )
 
 
 MULTISCALE_PRESETS: dict[str, dict[str, Any]] = {

@@ -1,10 +1,13 @@
 """Saved models: one folder format, and one loader that dispatches on the config's ``model``.
 
 A saved model is a folder holding ``config.json`` (its :class:`~jetblocks.config.Config`,
-whose ``model`` field names the class) and ``model.safetensors`` (the weights, their SHA-256
-and a copy of the config). A class that derives from :class:`Pretrained` and sets
-``config_class`` gets ``save_pretrained`` and ``from_pretrained`` and is registered under
-its config's model name, so :func:`load_pretrained` builds whatever a folder holds.
+whose ``model`` field names the class), ``model.safetensors`` (the weights, their SHA-256
+and a copy of the config) and a model card, ``README.md`` (:mod:`jetblocks.model_card`). A
+class that derives from :class:`Pretrained` and sets ``config_class`` gets
+``save_pretrained``, ``from_pretrained`` and ``push_to_hub`` and is registered under its
+config's model name, so :func:`load_pretrained` builds whatever a folder holds. The same
+folder, in the root of a Hugging Face Hub model repo, loads by the repo's id
+(:mod:`jetblocks.hub`).
 
 Loading may meet a stranger's folder, so nothing is allocated on its word alone: the config
 must match the copy stored with the weights; the model is first built on the meta device
@@ -18,7 +21,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -36,6 +40,8 @@ from jetblocks.checkpoint import (
     save_model,
 )
 from jetblocks.config import Config
+from jetblocks.hub import check_repo_id, locate, upload_folder
+from jetblocks.model_card import check_card
 
 __all__ = ["MODELS", "Pretrained", "build_model", "load_pretrained", "model_class"]
 
@@ -75,21 +81,83 @@ class Pretrained:
         if name is not None:
             MODELS[name] = cls
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` into ``directory``, each
-        atomically; nothing else there is touched (see :func:`jetblocks.checkpoint.save_model`)."""
-        return save_model(self, self.config.to_dict(), directory)
+    def save_pretrained(
+        self, directory: str | os.PathLike, *, card: Mapping[str, Any] | None = None
+    ) -> Path:
+        """Write ``config.json``, ``model.safetensors`` and the model card ``README.md`` into
+        ``directory``, each atomically; nothing else there is touched, and a ``README.md``
+        jetblocks did not write is kept (see :func:`jetblocks.checkpoint.save_model`).
+
+        ``card``: what the card says of the model besides its class, parameter count and
+        configuration (``data``, ``steps``, ``command``, ``metrics``, ...; see
+        :mod:`jetblocks.model_card`).
+        """
+        return save_model(self, self.config.to_dict(), directory, card)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        card: Mapping[str, Any] | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        commit_message: str | None = None,
+        create_pr: bool = False,
+    ) -> Any:
+        """Upload the model to the Hugging Face Hub repo ``repo_id`` (``"org/name"``, created
+        if needed): what :meth:`save_pretrained` writes, in one commit to the repo's root
+        (branch ``revision``, default ``main``; ``create_pr`` opens a pull request instead).
+        Returns huggingface_hub's ``CommitInfo``. A ``README.md`` in the repo that jetblocks
+        did not write is kept. Needs ``huggingface_hub`` (``pip install 'jetblocks[hub]'``)
+        and a login (``hf auth login``, ``HF_TOKEN`` or ``token``)."""
+        check_repo_id(repo_id)
+        card = {"repo_id": repo_id, **check_card(card)}
+        with tempfile.TemporaryDirectory(prefix="jetblocks-push-") as folder:
+            self.save_pretrained(folder, card=card)
+            return upload_folder(
+                folder,
+                repo_id,
+                revision=revision,
+                private=private,
+                token=token,
+                commit_message=commit_message,
+                create_pr=create_pr,
+            )
 
     @classmethod
-    def from_pretrained(cls: type[P], directory: str | os.PathLike, config: Any = None) -> P:
-        """A model from :meth:`save_pretrained`'s folder, a training checkpoint, or a training
-        run's folder (its newest checkpoint), on the CPU; move it afterwards.
+    def from_pretrained(
+        cls: type[P],
+        directory: str | os.PathLike,
+        config: Any = None,
+        *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+    ) -> P:
+        """A model from :meth:`save_pretrained`'s folder, a training checkpoint, a training
+        run's folder (its newest checkpoint) or a Hugging Face Hub repo id (``"org/name"``),
+        on the CPU; move it afterwards.
+
+        A local path that exists is always loaded as such; otherwise a Hub id is downloaded
+        with ``huggingface_hub`` into its cache (at ``revision``: a branch, tag or commit;
+        ``HF_HUB_OFFLINE=1`` or ``local_files_only`` reads the cache alone) and loaded by the
+        same checks as a local folder (see :func:`jetblocks.hub.locate`).
 
         With ``config`` given, the model is built from it (so runtime settings such as
         ``attention_backend`` may differ from the saved ones); a checkpoint made for another
         architecture is refused, naming every field that differs.
         """
-        directory = resolve_checkpoint(directory)
+        directory = resolve_checkpoint(
+            locate(
+                directory,
+                revision=revision,
+                cache_dir=cache_dir,
+                token=token,
+                local_files_only=local_files_only,
+            )
+        )
         saved = read_model_config(directory)
         found = model_class(saved)
         if not issubclass(found, cls):
@@ -116,10 +184,27 @@ class Pretrained:
         return model
 
 
-def load_pretrained(directory: str | os.PathLike, config: Any = None) -> Pretrained:
-    """Whatever model a saved folder (or a training run's newest checkpoint) holds."""
-    found = model_class(read_model_config(resolve_checkpoint(directory)))
-    return found.from_pretrained(directory, config)
+def load_pretrained(
+    directory: str | os.PathLike,
+    config: Any = None,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+) -> Pretrained:
+    """Whatever model a saved folder, a training run's newest checkpoint or a Hugging Face
+    Hub repo id (``"org/name"``, see :meth:`Pretrained.from_pretrained`) holds."""
+    folder = resolve_checkpoint(
+        locate(
+            directory,
+            revision=revision,
+            cache_dir=cache_dir,
+            token=token,
+            local_files_only=local_files_only,
+        )
+    )
+    return model_class(read_model_config(folder)).from_pretrained(folder, config)
 
 
 def build_model(cls: type[P], config: Config, *, fits: Path | None = None) -> P:

@@ -28,7 +28,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -52,9 +52,11 @@ from jetblocks.checkpoint import (
     write_model_files,
 )
 from jetblocks.config import Config, setting
+from jetblocks.diagnostics import diagnose
 from jetblocks.integrations.distributed import Distributed, wrap_model
 from jetblocks.integrations.images import save_grid
 from jetblocks.likelihood import bits_per_dim, dequantize, to_uint8
+from jetblocks.model_card import check_card
 from jetblocks.rng import ShardedGenerator
 from jetblocks.run_folder import RunFolder, read_metrics
 from jetblocks.validation import (
@@ -99,7 +101,9 @@ class TrainConfig(Config):
     )
     lr: float = setting(3e-4, POSITIVE, "peak learning rate")
     betas: tuple[float, float] = setting(
-        (0.9, 0.95), Items(Number(float, low=0, high=1, open_high=True), length=2), "Adam's"
+        (0.9, 0.95),
+        Items(Number(float, low=0, high=1, open_high=True), length=2),
+        "Adam's b1 and b2",
     )
     eps: float = setting(1e-8, POSITIVE, "Adam's epsilon")
     weight_decay: float = setting(1e-5, NON_NEGATIVE, "decoupled weight decay (not times lr)")
@@ -118,6 +122,12 @@ class TrainConfig(Config):
     checkpoint_every: int = setting(1000, POSITIVE_INT, "steps between checkpoints", resumable=True)
     keep_checkpoints: int = setting(3, POSITIVE_INT, "newest checkpoints kept", resumable=True)
     log_every: int = setting(50, POSITIVE_INT, "steps between metrics records", resumable=True)
+    diagnose_every: int = setting(
+        1000,
+        Number(int, low=0),
+        "steps between flow diagnostics on a held-out batch (0: never; jetblocks diagnose)",
+        resumable=True,
+    )
     sample_temperatures: tuple[float, ...] = setting(
         (0.5, 0.75, 1.0), Items(NON_NEGATIVE), "one row of samples each", resumable=True
     )
@@ -203,7 +213,9 @@ class Task(Protocol):
     """What a :class:`Trainer` needs to know about a model.
 
     A task may also define ``set_step(step)``: the trainer calls it before each optimizer
-    step with the number of steps done so far (restored on resume).
+    step with the number of steps done so far (restored on resume); and
+    ``diagnose(model, batch, generator) -> dict`` (JSON-ready), logged every
+    ``diagnose_every`` steps on the first held-out batch (see :mod:`jetblocks.diagnostics`).
     """
 
     def loss(
@@ -225,7 +237,13 @@ class Task(Protocol):
 
 class BitsPerDimTask:
     """Any image flow (:class:`~jetblocks.imageflow.ImageFlow`): minimise the bits/dim of
-    uniformly dequantized uint8 images; evaluate held-out bits/dim; sample."""
+    uniformly dequantized uint8 images; evaluate held-out bits/dim; sample; diagnose its
+    couplings (:func:`jetblocks.diagnostics.diagnose`)."""
+
+    def diagnose(
+        self, model: nn.Module, batch: dict[str, Tensor], generator: torch.Generator
+    ) -> dict[str, Any]:
+        return diagnose(model, batch["image"], generator=generator)
 
     def loss(
         self, model: nn.Module, batch: dict[str, Tensor], generator: ShardedGenerator
@@ -277,7 +295,9 @@ class Trainer:
     """The training loop (see the module docstring).
 
     ``out_dir`` is the run's folder (a path or a :class:`RunFolder`); ``optimizer`` and
-    ``schedule`` are factories, called once the model is placed and wrapped.
+    ``schedule`` are factories, called once the model is placed and wrapped. ``card``: what
+    each checkpoint's model card says besides the model, steps, command and last evaluation
+    (``{"data": "mnist5k"}``; see :mod:`jetblocks.model_card`).
     """
 
     EVAL_SEED: ClassVar[int] = 10_007
@@ -295,6 +315,7 @@ class Trainer:
         env: Distributed | None = None,
         optimizer: Callable[[nn.Module, TrainConfig], torch.optim.Optimizer] = reference_optimizer,
         schedule: Callable[[TrainConfig], Callable[[int], float]] = reference_schedule,
+        card: Mapping[str, Any] | None = None,
     ) -> None:
         self.task, self.config, self.model_config = task, config, model_config
         self.env = env or Distributed()
@@ -302,6 +323,13 @@ class Trainer:
         self.run.main = self.env.is_main
         self.train_loader, self.eval_batches = train_loader, eval_batches
         self.local_batch = config.local_batch_size(self.env.world_size)
+        self.card = {
+            "model_class": type(model).__name__,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "command": list(sys.argv),
+            **check_card(card),
+        }
+        self.last_evaluation: tuple[int, dict[str, float]] | None = None  # (step, means)
         model = accelerate_by_default(model.to(self.env.device), self.env.device)
         self.model = wrap_model(model, config.distributed, self.env)
         self.forward_model = torch.compile(self.model) if config.compile else self.model
@@ -318,6 +346,7 @@ class Trainer:
         )
         self.step = 0
         self.nonfinite_in_a_row = 0
+        self._norms: list[Tensor] = []  # gradient norms before clipping, since the last record
         self._stop = _StopRequest()
 
     @property
@@ -366,12 +395,16 @@ class Trainer:
                     "loss": self._global_mean(loss),
                     "lr": self.scheduler.get_last_lr()[0],
                     "images_per_s": interval_steps * self.config.batch_size / seconds,
+                    **self._gradient_record(),
                 }
                 progress.set_postfix(
                     loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}"
                 )
                 self.run.log(record)
                 interval_start, interval_steps = time.perf_counter(), 0
+            every = self.config.diagnose_every
+            if every and (self.step % every == 0 or last):
+                self._log_diagnostics()
             if self.step % self.config.eval_every == 0 or last:
                 last_eval = self.evaluate()
                 self.run.log({"step": self.step, **{f"eval_{k}": v for k, v in last_eval.items()}})
@@ -403,6 +436,8 @@ class Trainer:
                 (loss / self.config.grad_accum).backward()
             total = total + loss.detach() / self.config.grad_accum
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP's DTensor
+        self._norms.append(norm.detach())
         if self._finite_and_agree_on_stopping(total, norm):
             self.nonfinite_in_a_row = 0
             self.optimizer.step()
@@ -419,7 +454,6 @@ class Trainer:
     def _finite_and_agree_on_stopping(self, loss: Tensor, norm: Tensor) -> bool:
         """Whether every rank's loss and the gradient norm are finite; every rank also learns
         whether any of them was asked to stop (one host sync for both)."""
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP's DTensor
         bad = (~torch.isfinite(loss) | ~torch.isfinite(norm)).double().reshape(1)
         asked = torch.tensor([float(self._stop.signal is not None)], device=bad.device)
         bad_count, stopping = self.env.all_sum(torch.cat([bad, asked.double()])).tolist()
@@ -458,7 +492,26 @@ class Trainer:
             env=self.env,
             autocast=self.autocast(),
         )
+        self.last_evaluation = (self.step, means)
         return means
+
+    def _gradient_record(self) -> dict[str, float]:
+        """The last gradient norm before clipping (global: every rank clips the same norm),
+        and the share of steps since the last record whose norm the clip scaled down."""
+        norms, self._norms = torch.stack(self._norms).double(), []
+        clipped = (norms > self.config.grad_clip).double().mean()
+        return {"grad_norm": norms[-1].item(), "clipped": clipped.item()}
+
+    def _log_diagnostics(self) -> None:
+        """The task's diagnostics on each rank's first held-out batch; the main process's
+        are logged (every rank runs the model: FSDP gathers its parameters collectively)."""
+        diagnose_batch = getattr(self.task, "diagnose", None)
+        if diagnose_batch is None or self.eval_batches is None:
+            return
+        batch = self._to_device(next(iter(self.eval_batches())))
+        generator = torch.Generator(self.env.device).manual_seed(self.EVAL_SEED)
+        self.run.log({"step": self.step, "diagnostics": diagnose_batch(
+            self._eval_model(), batch, generator)})  # fmt: skip
 
     @torch.no_grad()
     def write_samples(self) -> Path | None:
@@ -513,8 +566,14 @@ class Trainer:
                 "train_config": self.config.to_dict(),
             }
 
+            card = {**self.card, "steps": self.step}
+            if self.last_evaluation and self.last_evaluation[1]:
+                of = " (of the EMA weights)" if self.ema is not None else ""
+                card["metrics_step"] = self.last_evaluation[0]
+                card["metrics"] = {f"{k}{of}": v for k, v in self.last_evaluation[1].items()}
+
             def write(staging: Path) -> None:
-                write_model_files(staging, model_state, self.model_config)
+                write_model_files(staging, model_state, self.model_config, card)
                 save_state(staging, "trainer", trainer_state)
 
             target = self.run.save_checkpoint(self.step, write, self.config.keep_checkpoints)

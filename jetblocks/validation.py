@@ -45,6 +45,7 @@ __all__ = [
     "InvalidValue",
     "Items",
     "Number",
+    "Shape",
     "checked",
     "parse_json",
 ]
@@ -192,6 +193,34 @@ TEMPERATURE = NON_NEGATIVE
 GUIDANCE = Number(float)
 SAMPLER = Choice(("exact", "rejection"))
 FLAG = Flag()
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """A tensor's shape: each dim a size, or a letter for any size; a leading ``"..."``
+    allows any number of leading dims. ``Shape(("B", 16, 4))`` reads ``[B, 16, 4]``.
+
+    Every block that takes tensors declares what it accepts this way and checks it with
+    :meth:`check`, so every refusal reads the same: the block, what it expects, what arrived.
+    """
+
+    dims: tuple[int | str, ...]
+
+    def __str__(self) -> str:
+        return f"[{', '.join(map(str, self.dims))}]"
+
+    def check(self, x: Any, who: str, what: str = "tokens") -> Any:
+        """``x``, if it is a tensor of this shape; else ``InvalidValue`` naming ``who``."""
+        if not isinstance(x, torch.Tensor):
+            raise InvalidValue(f"{who}: {what} must be a torch.Tensor, got {type(x).__name__}")
+        leading = self.dims[:1] == ("...",)
+        dims = self.dims[1:] if leading else self.dims
+        rank_fits = x.dim() >= len(dims) if leading else x.dim() == len(dims)
+        sizes = x.shape[x.dim() - len(dims) :] if rank_fits else [None] * len(dims)
+        wrong = [isinstance(d, int) and s != d for s, d in zip(sizes, dims, strict=True)]
+        if not rank_fits or any(wrong):
+            raise InvalidValue(f"{who} expects {what} of shape {self}, got {list(x.shape)}")
+        return x
 
 
 def checked(**rules: Number | Choice | Flag) -> Callable[[F], F]:

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .validation import Choice
+from .validation import Choice, Shape
 
 __all__ = [
     "ATTENTION_BACKENDS",
@@ -246,10 +246,7 @@ class ViTConditioner(nn.Module):
         nn.init.zeros_(self.final_proj.bias)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        if x.dim() != 3 or x.shape[1:] != (self.num_tokens, self.d_in):
-            raise ValueError(
-                f"ViTConditioner expects [B, {self.num_tokens}, {self.d_in}], got {list(x.shape)}"
-            )
+        Shape(("B", self.num_tokens, self.d_in)).check(x, "ViTConditioner")
         h = self.init_proj(x) + self.posemb
         if self.cross_attention is not None:
             if context is None:
@@ -257,15 +254,8 @@ class ViTConditioner(nn.Module):
                     f"this conditioner was built with context_dim={self.context_dim}; "
                     "pass a context of shape [B, M, context_dim]"
                 )
-            if (
-                context.dim() != 3
-                or context.shape[0] != x.shape[0]
-                or (context.shape[-1] != self.context_dim)
-            ):
-                raise ValueError(
-                    f"context must have shape [{x.shape[0]}, M, {self.context_dim}], "
-                    f"got {list(context.shape)}"
-                )
+            # x.shape[0], not len(x): len() makes an int of a traced batch size (torch.export)
+            Shape((x.shape[0], "M", self.context_dim)).check(context, "ViTConditioner", "context")
             h = h + self.cross_attention(h, context.to(h.dtype))
         elif context is not None:
             raise ValueError("a context was given but this conditioner has context_dim=None")

@@ -1,8 +1,8 @@
 """Fuzz every parser of a file a stranger may send (run by ``tests/test_fuzz.py``).
 
-    python tests/fuzzing.py TARGET --examples N
+    python tests/fuzzing.py TARGET [TARGET ...] --examples N
 
-For one TARGET, write a valid file of that kind, then feed its parser ``N`` hypothesis-chosen
+For each TARGET, write a valid file of that kind, then feed its parser ``N`` hypothesis-chosen
 mutations of it (random bytes, truncations, flipped bytes, rewritten length fields, bytes
 inserted). Each must load or raise the library's clear error (a ``ValueError`` or
 ``TypeError`` subclass); any other exception is printed and the process exits 1. The caller
@@ -243,11 +243,12 @@ def fuzz(target: str, examples: int) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("target", choices=sorted(TARGETS))
+    parser.add_argument("targets", nargs="+", choices=sorted(TARGETS))
     parser.add_argument("--examples", type=int, default=50)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    return 1 if fuzz(args.target, args.examples) else 0
+    failed = sum(fuzz(target, args.examples) for target in args.targets)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -55,6 +55,22 @@ def test_throughput_smoke_covers_eager_compiled_and_frozen(tmp_path):
     assert report["matmul_peak_gflops"]["bf16"]["gflops"] > 0
 
 
+@pytest.mark.slow  # exports and compiles: half a minute
+def test_export_throughput_smoke_times_onnxruntime_eager_and_compiled(tmp_path):
+    pytest.importorskip("onnxruntime")
+    report = smoke("export_throughput", tmp_path)
+    assert report["settings"]["compile_backend"] == "aot_eager"
+    assert {(row["runtime"], row["op"]) for row in report["results"]} == {
+        (runtime, op) for runtime in ("onnxruntime", "eager", "compiled")
+        for op in ("encode", "decode")
+    }  # fmt: skip
+    assert all(row["images_per_s"] > 0 and row["first_call_s"] > 0 for row in report["results"])
+    (parity,) = report["parity"]
+    assert parity["tokens_max_abs"] < 1e-4 and parity["images_max_abs"] < 1e-4
+    assert parity["logdet_max_rel"] < 1e-5 and parity["export_s"] > 0
+    assert report["torch_threads"] >= 1 and "load_average_before" in report
+
+
 def test_memory_smoke(tmp_path):
     report = smoke("memory", tmp_path)
     assert {(row["depth"], row["backprop"]) for row in report["results"]} == {
@@ -146,3 +162,14 @@ def test_jetformer_quality_smoke_trains_and_measures(tmp_path):
         measured
     )
     assert 0.0 <= measured["class_consistency_w2"] <= 1.0
+
+
+@pytest.mark.slow  # trains both judges: about a minute
+def test_jetformer_judges_smoke_reports_the_judges_own_accuracy(tmp_path):
+    report = smoke("jetformer_judges", tmp_path)
+    assert report["settings"]["digits"] == "digits" and report["settings"]["epochs"] == 1
+    assert 0.0 <= report["digit_classifier"]["test_accuracy"] <= 1.0
+    objects = report["object_judge"]
+    assert objects["parse_scene_test_agreement"] == 1.0  # the rules are exact on the data
+    assert objects["parse_caption_test_exact"] == 1.0
+    assert 0.0 <= objects["judge_test_agreement"] <= 1.0

@@ -40,7 +40,9 @@ def run(tmp_path_factory, digits_config):
     return root
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["sample"], ["encode"], ["decode"]])
+@pytest.mark.parametrize(
+    "command", [[], ["train"], ["eval"], ["sample"], ["encode"], ["decode"], ["export"]]
+)
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*command, "--help"])
@@ -52,7 +54,8 @@ def test_train_writes_checkpoints_samples_and_metrics(run):
     out = run / "run"
     assert [p.name for p in checkpoints_in(out)] == ["step_00000004"]
     assert (out / "samples" / "step_00000004.png").is_file()
-    assert (out / "metrics.jsonl").read_text().count("\n") == 2  # one loss record, one eval
+    lines = (out / "metrics.jsonl").read_text().count("\n")
+    assert lines == 3  # one loss record, one diagnosis, one eval
 
 
 def test_eval_prints_json(run, capsys):

@@ -243,3 +243,28 @@ def test_a_split_that_is_not_a_known_permutation_rebuilds_the_generic_way():
     coupling = make_coupling(Inverse(ChannelSplit(DIM, 3))).double()
     y = torch.randn(2, NUM_TOKENS, DIM, dtype=torch.float64)
     assert len(coupling.rebuild_input(y).parts) == 1
+
+
+def test_every_block_refuses_a_wrong_shape_by_the_one_rule():
+    """Blocks declare what they accept (``jetblocks.validation.Shape``); one check words it."""
+    from jetblocks import GMMHead, Jet, JetConfig, ViTConditioner
+    from jetblocks.multiscale import Repatchify
+    from jetblocks.validation import InvalidValue
+
+    jet = Jet(JetConfig(image_size=(8, 8), channels=1, patch_size=2, depth=1, block_depth=1,
+                        emb_dim=8, num_heads=2))  # fmt: skip
+    vit = ViTConditioner(d_in=2, d_out=4, num_tokens=16, emb_dim=8, depth=1, num_heads=2)
+    cases = [
+        (lambda: ChannelSplit(6, seed=0)(torch.zeros(2, 4, 5)), "ChannelSplit", "[B, N, 6]"),
+        (lambda: SpatialSplit((2, 4), 6, "checkerboard")(torch.zeros(2, 7, 6)), "SpatialSplit",
+         "[B, 8, 6]"),
+        (lambda: Repatchify((4, 4), 3)(torch.zeros(2, 16, 2)), "Repatchify", "[B, 16, 3]"),
+        (lambda: vit(torch.zeros(2, 16, 3)), "ViTConditioner", "[B, 16, 2]"),
+        (lambda: GMMHead(8, 2, 3)(torch.zeros(2, 5, 7)), "GMMHead", "[..., 8]"),
+        (lambda: jet.decode(torch.zeros(2, 16, 5)), "Jet", "[B, 16, 4]"),
+    ]  # fmt: skip
+    for call, who, shape in cases:
+        with pytest.raises(InvalidValue) as refused:
+            call()
+        message = str(refused.value)
+        assert message.startswith(f"{who}") and f"of shape {shape}, got [" in message, message

@@ -105,10 +105,12 @@ LAYERS = {
         "jetblocks", "jetblocks.validation", "jetblocks.config", "jetblocks.rng",
         "jetblocks.flow", "jetblocks.couplings", "jetblocks.vit", "jetblocks.linear",
         "jetblocks.acceleration", "jetblocks.latents", "jetblocks.likelihood",
-        "jetblocks.memory", "jetblocks.heads", "jetblocks.jetformer",
-        "jetblocks.autoregressive", "jetblocks.jet", "jetblocks.imageflow",
-        "jetblocks.multiscale", "jetblocks.checkpoint", "jetblocks.extras", "jetblocks.paths",
+        "jetblocks.memory", "jetblocks.heads", "jetblocks.jetformer", "jetblocks.curriculum",
+        "jetblocks.autoregressive", "jetblocks.jet", "jetblocks.imageflow", "jetblocks.diagnostics",
+        "jetblocks.multiscale", "jetblocks.checkpoint", "jetblocks.optional", "jetblocks.extras",
+        "jetblocks.paths", "jetblocks.export",
         "jetblocks.pretrained", "jetblocks.tokenfile", "jetblocks.run_folder",
+        "jetblocks.hub", "jetblocks.model_card", "jetblocks.version",
     },
     "testing kit": {"jetblocks.testing"},  # and every jetblocks.testing.* module
     "integrations": {"jetblocks.integrations"},  # and every jetblocks.integrations.* module

@@ -218,7 +218,7 @@ def test_channels_only_configs_ignore_the_grid():
 @pytest.mark.parametrize(
     ("images", "message"),
     [
-        (torch.zeros(2, 8, 4), r"shape \[B, C, H, W\] = \[B, 2, 4, 8\], got \[2, 8, 4\]"),
+        (torch.zeros(2, 8, 4), r"\(\[B, C, H, W\]\) of shape \[B, 2, 4, 8\], got \[2, 8, 4\]"),
         (torch.zeros(2, 3, 4, 8), r"got \[2, 3, 4, 8\]"),
         (torch.zeros(2, 2, 8, 4), r"got \[2, 2, 8, 4\]"),
         (torch.zeros(2, 2, 4, 8, dtype=torch.int32), "floating-point tensor, got torch.int32"),
@@ -240,7 +240,7 @@ def test_non_finite_values_are_refused_at_the_public_entry_points():
 
 def test_bad_tokens_and_encode_inputs_are_refused():
     jet = Jet(JetConfig(**SMALL))
-    with pytest.raises(ValueError, match=r"tokens must have shape \[B, N, D\] = \[B, 8, 8\]"):
+    with pytest.raises(ValueError, match=r"expects tokens \(\[B, N, D\]\) of shape \[B, 8, 8\]"):
         jet.inverse(torch.zeros(2, 8, 7))
     with pytest.raises(ValueError, match=r"\[-1, 1\].*got values in \[0, 2\]"):
         jet.encode(torch.ones(1, 2, 4, 8) * 2 - torch.eye(8)[:4] * 2)

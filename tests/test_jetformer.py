@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from jetblocks import Jet, JetConfig, bits_per_dim, split_tokens
+from jetblocks.curriculum import NoiseCurriculum
 from jetblocks.heads import GMMHead
-from jetblocks.jetformer import NoiseCurriculum, image_bits_per_dim
+from jetblocks.likelihood import image_bits_per_dim
 from jetblocks.train import BitsPerDimTask, TrainConfig, Trainer
 
 TINY = JetConfig(

@@ -18,14 +18,8 @@ ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
 
 from examples.jetformer import run as run_module  # noqa: E402
-from examples.jetformer.__main__ import main  # noqa: E402
-from examples.jetformer.data import (  # noqa: E402
-    describe,
-    layout_captions,
-    parse_caption,
-    scene_agreement,
-    shapes_dataset,
-)
+from examples.jetformer.__main__ import build_parser, main  # noqa: E402
+from examples.jetformer.data import layout_captions, shapes_dataset  # noqa: E402
 from examples.jetformer.model import JetFormer, JetFormerConfig, meta_parameter_counts  # noqa: E402
 from examples.jetformer.presets import PRESETS  # noqa: E402
 from examples.jetformer.sampling import sample_image_tokens  # noqa: E402
@@ -341,18 +335,25 @@ def test_a_t5_numbered_tokenizer_like_the_references_c4_en_loads(tmp_path):
     assert tokenizer.decode(ids[0].tolist()) == captions[0]
 
 
-def test_shapes_scenes_are_read_back_from_pixels_and_captions():
+def test_shapes_dataset_draws_varied_captioned_scenes():
+    # reading them back (pixels and captions): tests/test_jetformer_benchmarks.py
     images, scenes, captions = shapes_dataset(400, seed=3)
     assert images.shape == (400, 3, 16, 16) and images.dtype == torch.uint8
-    assert all(scene_agreement(im, s) == 1 for im, s in zip(images, scenes, strict=True))
-    assert all(parse_caption(c) == s for c, s in zip(captions, scenes, strict=True))
+    assert len(scenes) == len(captions) == 400
     assert len(set(captions)) > 300  # caption variety
-    assert parse_caption(describe(scenes[0])) == scenes[0]
-    assert scene_agreement(torch.zeros(3, 16, 16, dtype=torch.uint8), scenes[0]) == 0
 
 
-def test_text_preset_trains_samples_captions_and_measures(tmp_path, capsys, monkeypatch):
-    """A smoke run of every command on the text preset, with less data and fewer samples."""
+def test_the_command_line_is_train_sample_caption_and_presets(capsys):
+    """Measuring a run is benchmarks/jetformer_measure.py, not a command of the example."""
+    assert "{train,sample,caption,presets}" in build_parser().format_help()
+    with pytest.raises(SystemExit) as stopped:
+        main(["measure", "--run", "r"])
+    assert stopped.value.code == 2 and "invalid choice: 'measure'" in capsys.readouterr().err
+
+
+def test_text_preset_trains_samples_and_captions(tmp_path, capsys, monkeypatch):
+    """A smoke run of every command on the text preset, with less data and fewer samples
+    (its measurement: tests/test_jetformer_benchmarks.py)."""
     monkeypatch.setattr(run_module, "SHAPES_TRAIN", 256)
     monkeypatch.setattr(run_module, "SHAPES_TEST", 40)
     small_grid = dict(sample_temperatures=(1.0,), samples_per_temperature=2)
@@ -382,12 +383,6 @@ def test_text_preset_trains_samples_captions_and_measures(tmp_path, capsys, monk
         == 0
     )
     assert main(["caption", "--run", str(run), "--n", "2"]) == 0
-    assert main(["measure", "--run", str(run), "--scenes", "4", "--speed-batch", "2"]) == 0
-    measured = json.loads((run / "measure.json").read_text())
-    assert 0 <= measured["scene_agreement_w0"] <= 1
-    assert 0 <= measured["scene_agreement_judged_w0"] <= 1
-    assert measured["object_judge_test_accuracy"] > 0.5  # 256 training scenes here; chance 0.29
-    assert measured["sampling_images_per_s_with_kv_cache"] > 0
     # resuming a finished run continues from its checkpoint
     assert main(["train", "--preset", "cpu-tiny-text", "--out", str(run), "--resume",
                  "--no-progress"]) == 0  # fmt: skip
@@ -411,22 +406,22 @@ def test_jet_as_tokenizer_example_runs_and_reproduces_its_number(tmp_path):
 
 
 @pytest.mark.parametrize("conditioning", ["class", "text"])
-def test_digits_preset_trains_and_measures_class_consistency(tmp_path, conditioning, monkeypatch):
+def test_digits_preset_trains_with_labels_or_captions(tmp_path, conditioning, monkeypatch):
+    # its measurement (class consistency): tests/test_jetformer_benchmarks.py
     small_grid = dict(sample_temperatures=(1.0,), samples_per_temperature=2)
     train = {**PRESETS["cpu-tiny-digits"]["train"], **small_grid}
     monkeypatch.setitem(PRESETS["cpu-tiny-digits"], "train", train)
     run = tmp_path / conditioning
     args = ["--preset", "cpu-tiny-digits", "--steps", "2", "--conditioning", conditioning]
-    assert main(["train", *args, "--out", str(run), "--no-progress"]) == 0
+    assert main(["train", *args, "--out", str(run), "--no-progress", "--diagnose-every", "1"]) == 0
     run_spec = json.loads((run / "run.json").read_text())["spec"]
     assert run_spec["conditioning"] == conditioning
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    diagnosed = [r["diagnostics"] for r in records if "diagnostics" in r]
+    assert len(diagnosed) == 2 and len(diagnosed[-1]["couplings"]) == 16  # the Jet's
+    apart = diagnosed[-1]["jetformer"]  # text and image losses apart
+    assert apart["image_bits_per_dim"] > 0 and ("text_nll" in apart) == (conditioning == "text")
     assert (run / "tokenizer.model").is_file() == (conditioning == "text")
-    assert main(["measure", "--run", str(run), "--per-prompt", "1", "--speed-batch", "2",
-                 "--scenes", "4"]) == 0  # fmt: skip
-    measured = json.loads((run / "measure.json").read_text())
-    assert measured["classifier_test_accuracy"] > 0.8
-    assert 0 <= measured["class_consistency_w0"] <= 1
-    assert ("captioning_accuracy" in measured) == (conditioning == "text")
 
 
 def test_synthetic_data_for_throughput_runs(tmp_path):
@@ -580,16 +575,6 @@ def test_flip_presets_flip_training_batches_only(tmp_path):
     assert 0.3 * 3 * 64 < mirrored < 0.7 * 3 * 64
     for a, b in zip(batches(False, "test", False), batches(True, "test", False), strict=True):
         assert torch.equal(a["image"], b["image"])
-
-
-def test_object_judge_reads_real_scenes_and_catches_wrong_ones():
-    from examples.jetformer.classifier import judged_agreement, train_object_judge
-
-    images, scenes, _ = shapes_dataset(1500, seed=0)
-    judge = train_object_judge(images[:1200], scenes[:1200])
-    assert judged_agreement(judge, images[1200:], scenes[1200:]).mean() > 0.95
-    swapped = images[1200:].flip(-1, -2)  # objects moved to the other half and turned over
-    assert judged_agreement(judge, swapped, scenes[1200:]).mean() < 0.8
 
 
 def test_set_overrides_known_fields_and_names_the_unknown(tmp_path, capsys):

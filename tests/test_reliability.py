@@ -66,7 +66,7 @@ def test_save_pretrained_keeps_other_files_and_refuses_foreign_model_files(tmp_p
     assert (tmp_path / "notes.txt").read_text() == "mine"
     assert (tmp_path / "data" / "x.npz").read_bytes() == b"keep"
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "config.json", "data", "model.safetensors", "notes.txt"]  # fmt: skip
+        "README.md", "config.json", "data", "model.safetensors", "notes.txt"]  # fmt: skip
     assert torch.equal(Jet.from_pretrained(tmp_path).state_dict()["couplings.flows.0.split.perm"],
                        jet.state_dict()["couplings.flows.0.split.perm"])  # fmt: skip
 
@@ -473,8 +473,8 @@ def test_a_missing_optional_dependency_is_one_line_naming_the_extra(
         "pip install 'jetblocks[data]'"
     )
     monkeypatch.setitem(sys.modules, "PIL.Image", None)
-    from jetblocks.extras import MissingDependencyError
     from jetblocks.integrations.images import save_grid
+    from jetblocks.optional import MissingDependencyError
 
     with pytest.raises(MissingDependencyError, match=r"save_grid needs pillow.*jetblocks\[data\]"):
         save_grid(torch.zeros(1, 1, 2, 2, dtype=torch.uint8), tmp_path / "g.png", ncols=1)

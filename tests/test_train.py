@@ -64,7 +64,8 @@ def test_training_lowers_the_loss_and_writes_its_outputs(tmp_path, make_trainer)
     assert (tmp_path / "samples" / "step_00000006.png").is_file()
     assert [p.name for p in checkpoints_in(tmp_path)] == ["step_00000003", "step_00000006"]
     files = {p.name for p in checkpoints_in(tmp_path)[-1].iterdir()}
-    assert files == {"config.json", "model.safetensors", "trainer.json", "trainer.safetensors"}
+    assert files == {"config.json", "model.safetensors", "README.md", "trainer.json",
+                     "trainer.safetensors"}  # fmt: skip
     loaded = Jet.from_pretrained(checkpoints_in(tmp_path)[-1])
     torch.testing.assert_close(
         parameters(trainer), torch.cat([p.flatten() for p in loaded.parameters()])

@@ -128,13 +128,14 @@ def test_cross_attention_starts_at_zero_and_learns_from_context():
 
 
 def test_bad_inputs_and_contexts_are_refused():
-    with pytest.raises(ValueError, match=r"expects \[B, 16, 6\], got \[2, 16, 5\]"):
+    message = r"ViTConditioner expects tokens of shape \[B, 16, 6\], got \[2, 16, 5\]"
+    with pytest.raises(ValueError, match=message):
         make()(torch.randn(2, 16, 5))
     with pytest.raises(ValueError, match="context_dim=None"):
         make()(torch.randn(2, 16, 6), torch.randn(2, 3, 5))
     with pytest.raises(ValueError, match="pass a context"):
         make(context_dim=5)(torch.randn(2, 16, 6))
-    with pytest.raises(ValueError, match=r"context must have shape \[2, M, 5\], got \[2, 3, 4\]"):
+    with pytest.raises(ValueError, match=r"expects context of shape \[2, M, 5\], got \[2, 3, 4\]"):
         make(context_dim=5)(torch.randn(2, 16, 6), torch.randn(2, 3, 4))
     with pytest.raises(ValueError, match="divisible by num_heads"):
         Attention(10, 4)

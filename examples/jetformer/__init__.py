@@ -2,6 +2,6 @@
 
 Modules: ``model`` (the network), ``sampling`` (KV-cache sampling with guidance, captioning),
 ``task`` (the loss for ``jetblocks.train.Trainer``), ``data`` (captioned shapes, digit
-captions), ``presets``, ``run`` (building and loading runs), ``classifier`` (the digit
-classifier that judges samples). ``python -m examples.jetformer --help`` lists the commands.
+captions), ``presets``, ``run`` (building and loading runs). ``python -m examples.jetformer
+--help`` lists the commands; measuring a run is ``benchmarks/jetformer_measure.py``.
 """

@@ -1,14 +1,15 @@
-"""JetFormer example: train, sample, caption and measure (run from the repository root).
+"""JetFormer example: train, sample and caption (run from the repository root).
 
     python -m examples.jetformer train --preset cpu-tiny --out runs/jetformer-tiny
     python -m examples.jetformer sample --run runs/jetformer-tiny --guidance 2 --out grid.png
-    python -m examples.jetformer measure --run runs/jetformer-tiny
     python -m examples.jetformer train --preset cpu-tiny-text --out runs/jetformer-text
     python -m examples.jetformer caption --run runs/jetformer-text --n 8
     python -m examples.jetformer presets          # parameter counts of every preset
 
 Training reuses ``jetblocks.train.Trainer`` (checkpoints, ``--resume``, progress, metrics,
-sample grids, ``torchrun`` data parallelism).
+sample grids, ``torchrun`` data parallelism). Measuring a run (held-out bits/dim, judged
+conditioning consistency, captioning accuracy, sampling speed) is a benchmark script:
+``python benchmarks/jetformer_measure.py --run runs/jetformer-tiny``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from jetblocks.checkpoint import atomic_file, read_json
+from jetblocks.checkpoint import read_json
 from jetblocks.config import add_arguments, arguments_of
 from jetblocks.integrations.images import save_grid
 from jetblocks.likelihood import to_uint8
@@ -32,11 +33,9 @@ from jetblocks.run_folder import RunFolder
 from jetblocks.train import DivergenceError, TrainConfig, Trainer, TrainingInterrupted
 from jetblocks.validation import GUIDANCE, POSITIVE_INT, SAMPLER, SEED, TEMPERATURE, Number
 
-from .classifier import judged_agreement, predict, train_classifier, train_object_judge
-from .data import describe, digit_of_caption, parse_caption, scene_agreement
 from .model import JetFormer, JetFormerConfig, meta_parameter_counts
 from .presets import PRESETS, preset, with_text_conditioning
-from .run import TOKENIZER_FILE, RunData, load_run, write_run_file
+from .run import TOKENIZER_FILE, RunData, load_run, sampling_settings, write_run_file
 from .sampling import caption_images, sample_images
 from .task import JetFormerTask, TaskConfig, jetformer_optimizer
 
@@ -166,7 +165,9 @@ def cmd_sample(args) -> dict:
     text = prompts.repeat_interleave(args.per_prompt, dim=0).to(device)
     text_mask = masks.repeat_interleave(args.per_prompt, dim=0).to(device)
     generator = torch.Generator(device).manual_seed(args.seed)
-    guidance, temperature, sampler = _sampling(data.spec, args)
+    guidance, temperature, sampler = sampling_settings(
+        data.spec, args.guidance, args.temperature, args.sampler
+    )
     images = sample_images(
         model, text, text_mask=text_mask, guidance=guidance, temperature=temperature,
         sampler=sampler, generator=generator, use_cache=not args.no_cache,
@@ -188,118 +189,6 @@ def cmd_caption(args) -> dict:
     for index, caption in enumerate(captions):
         print(f"{index}: {caption!r}  (data: {data.test_captions[index]!r})")
     return {"captions": captions}
-
-
-def caption_accuracy(captions: Sequence[str], scenes) -> float:
-    """Mean fraction of 4 attributes + the axis a generated caption gets right."""
-    total = 0.0
-    for text, scene in zip(captions, scenes, strict=True):
-        found = parse_caption(text)
-        if found is None:
-            continue
-        pairs = zip(found.first + found.second, scene.first + scene.second, strict=True)
-        total += (sum(a == b for a, b in pairs) + (found.vertical == scene.vertical)) / 5
-    return total / len(captions)
-
-
-def _timed_sampling(model, text, guidance, temperature, device, use_cache) -> float:
-    generator = torch.Generator(device).manual_seed(0)
-    start = time.perf_counter()
-    sample_images(
-        model, text, guidance=guidance, temperature=temperature, generator=generator,
-        use_cache=use_cache,
-    )  # fmt: skip
-    return time.perf_counter() - start
-
-
-def _sampling(spec: dict, args) -> tuple[float, float, str]:
-    """Guidance, temperature and sampler: the run's ``sample`` settings unless overridden."""
-    settings = spec["sample"]
-    guidance = settings["guidance"] if args.guidance is None else args.guidance
-    temperature = settings["temperature"] if args.temperature is None else args.temperature
-    sampler = args.sampler or settings.get("sampler", "exact")
-    return guidance, temperature, sampler
-
-
-def cmd_measure(args) -> dict:
-    """Held-out bits/dim, conditioning consistency with and without guidance, sampling speed."""
-    device = _device(args)
-    model, data = load_run(args.run_dir, device)
-    spec, run = data.spec, Path(args.run_dir)
-    guidance, temperature, sampler = _sampling(spec, args)
-    results: dict = {"run": str(run), "preset": read_json(run / "run.json")["preset"]}
-    task_config = TaskConfig(conditioning=spec["conditioning"], **spec["task"])
-    task = JetFormerTask(task_config, data.prompts, data.prompt_mask)
-    generator = torch.Generator(device).manual_seed(10_007)
-    sums: dict[str, float] = {}
-    with torch.no_grad():
-        for batch in data.loader("test", 250, _Local(), 0, training=False):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            for name, values in task.evaluate(model, batch, generator).items():
-                sums[name] = sums.get(name, 0.0) + values.double().sum().item()
-    results.update({f"held_out_{k}": v / len(data.test) for k, v in sums.items()})
-
-    shapes = spec["data"] == "shapes"
-    digits = not shapes and bool((data.test.labels >= 0).all())  # labels or digit captions
-    n = args.per_prompt
-    if digits:  # a classifier trained on the real digits judges the samples
-        classifier = train_classifier(data.train.images, data.train.labels)
-        accuracy = (predict(classifier, data.test.images) == data.test.labels).float().mean()
-        results["classifier_test_accuracy"] = accuracy.item()
-        labels = torch.arange(len(data.prompts)).repeat_interleave(n)
-        text, text_mask = data.prompts[labels], data.prompt_mask[labels]  # label or caption
-    elif shapes:  # parse_scene reads the scene back; a classifier of real objects checks it
-        scenes = data.test_scenes[: args.scenes]
-        text, _, text_mask = data.encode([describe(scene) for scene in scenes])
-        judge = train_object_judge(data.train.images, data.train_scenes)
-        real = judged_agreement(judge, data.test.images, data.test_scenes).mean()
-        results["object_judge_test_accuracy"] = real.item()
-    for w in (0.0, guidance) if digits or shapes else ():
-        generator = torch.Generator(device).manual_seed(args.seed)
-        images = sample_images(
-            model, text.to(device), text_mask=text_mask.to(device), guidance=w,
-            temperature=temperature, sampler=sampler, generator=generator,
-        )  # fmt: skip
-        images = to_uint8(images).cpu()
-        if digits:
-            score = (predict(classifier, images) == labels).float().mean().item()
-            results[f"class_consistency_w{w:g}"] = score
-        else:
-            score = sum(scene_agreement(im, s) for im, s in zip(images, scenes, strict=True))
-            results[f"scene_agreement_w{w:g}"] = score / len(scenes)
-            judged = judged_agreement(judge, images, scenes).mean().item()
-            results[f"scene_agreement_judged_w{w:g}"] = judged
-        save_grid(images, run / f"measure_w{w:g}.png", ncols=n if digits else 8)
-    results.update(guidance=guidance, temperature=temperature, sampler=sampler)
-    if spec["conditioning"] == "text":
-        ids = caption_images(model, data.test.images[: args.scenes].to(device))
-        captions = [data.tokenizer.decode(row.tolist()) for row in ids]
-        if digits:
-            found = torch.tensor([digit_of_caption(text) for text in captions])
-            correct = found == data.test.labels[: len(ids)]
-            results["captioning_accuracy"] = correct.float().mean().item()
-        elif shapes:
-            scenes = data.test_scenes[: len(ids)]
-            results["captioning_accuracy"] = caption_accuracy(captions, scenes)
-        results["caption_examples"] = captions[:4]
-
-    speed_text = data.prompts[torch.arange(args.speed_batch) % len(data.prompts)].to(device)
-    for use_cache in (True, False):
-        seconds = _timed_sampling(model, speed_text, 0.0, temperature, device, use_cache)
-        key = "with_kv_cache" if use_cache else "without_kv_cache"
-        results[f"sampling_images_per_s_{key}"] = round(args.speed_batch / seconds, 2)
-    results["sampling_batch"] = args.speed_batch
-    results["load_average"] = [round(x, 2) for x in os.getloadavg()]
-    with atomic_file(run / "measure.json") as staging:
-        staging.write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
-    return results
-
-
-class _Local:
-    """A one-process environment for loaders outside training."""
-
-    rank, world_size = 0, 1
 
 
 def cmd_presets(args) -> dict:
@@ -368,21 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--n", type=POSITIVE_INT.parse, default=8)
     caption.set_defaults(run=cmd_caption)
 
-    measure = commands.add_parser("measure", help="bits/dim, consistency, sampling speed")
-    measure.add_argument("--per-prompt", type=POSITIVE_INT.parse, default=50)
-    measure.add_argument("--scenes", type=POSITIVE_INT.parse, default=64)
-    measure.add_argument("--speed-batch", type=POSITIVE_INT.parse, default=10)
-    measure.set_defaults(run=cmd_measure)
-
-    for sub in (sample, caption, measure):
+    for sub in (sample, caption):
         sub.add_argument(
             "--run", dest="run_dir", required=True, help="a run directory made by train"
         )
-    for sub in (sample, measure):
-        sub.add_argument("--guidance", type=GUIDANCE.parse, help="default: the preset's")
-        sub.add_argument("--temperature", type=TEMPERATURE.parse, help="default: the preset's")
-        sub.add_argument("--sampler", choices=SAMPLER.options, default=None)
-    for sub in (train, sample, caption, measure):
+    sample.add_argument("--guidance", type=GUIDANCE.parse, help="default: the preset's")
+    sample.add_argument("--temperature", type=TEMPERATURE.parse, help="default: the preset's")
+    sample.add_argument("--sampler", choices=SAMPLER.options, default=None)
+    for sub in (train, sample, caption):
         sub.add_argument("--seed", type=SEED.parse, default=0)
         sub.add_argument("--device", default=None)
     presets = commands.add_parser("presets", help="print the presets' parameter counts")

@@ -4,8 +4,8 @@
 or a triangle in red, green, blue or yellow, one above the other or side by side. Every
 image has a caption drawn from several phrasings of the same scene (``"a red square above
 a blue circle"``, ``"a blue circle below a red square"``, ``"there is a red square on top
-of a blue circle"``, ...). :func:`parse_scene` reads the scene back from pixels, so the
-example can score how well generated images match their prompts.
+of a blue circle"``, ...). ``benchmarks/jetformer_judges.py`` reads scenes back from
+pixels and from captions, to score how well generated images and captions match.
 
 **Digits**: captions such as ``"a handwritten seven"`` or ``"the digit 7"`` for labelled sets.
 
@@ -130,87 +130,6 @@ def shapes_dataset(count: int, seed: int) -> tuple[Tensor, list[Scene], list[str
     return torch.from_numpy(images), scenes, captions
 
 
-def parse_half(pixels: np.ndarray) -> tuple[str, str] | None:
-    """``(colour, shape)`` of the object in ``pixels [h, w, 3]``, or None if it is empty.
-
-    Colour: the palette colour nearest the mean of the lit pixels. Shape: how much of its
-    bounding box the object fills (square 1, circle ~0.76, triangle ~0.57).
-    """
-    lit = pixels.max(-1) > 100
-    if lit.sum() < 4:
-        return None
-    mean = pixels[lit].mean(0)
-    colour = min(COLOURS, key=lambda c: float(np.square(mean - COLOURS[c]).sum()))
-    rows, cols = np.nonzero(lit)
-    box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
-    fill = lit.sum() / box
-    shape = "square" if fill > 0.88 else "circle" if fill > 0.66 else "triangle"
-    return colour, shape
-
-
-def parse_scene(image: Tensor, vertical: bool) -> tuple[tuple[str, str] | None, ...]:
-    """The two objects of a uint8 ``[3, 16, 16]`` image split along the scene's axis."""
-    pixels = image.permute(1, 2, 0).cpu().numpy()
-    if vertical:
-        halves = pixels[: SIZE // 2], pixels[SIZE // 2 :]
-    else:
-        halves = pixels[:, : SIZE // 2], pixels[:, SIZE // 2 :]
-    return tuple(parse_half(half) for half in halves)
-
-
-def scene_halves(images: Tensor, vertical: Sequence[bool]) -> Tensor:
-    """The two halves of each uint8 ``[B, 3, 16, 16]`` scene along its axis, each in the
-    top-left corner of a black 16x16 canvas: ``[2B, 3, 16, 16]`` (first, second, ...)."""
-    halves = torch.zeros(2 * len(images), *images.shape[1:], dtype=images.dtype)
-    half = SIZE // 2
-    for index, (image, is_vertical) in enumerate(zip(images, vertical, strict=True)):
-        if is_vertical:
-            halves[2 * index, :, :half] = image[:, :half]
-            halves[2 * index + 1, :, :half] = image[:, half:]
-        else:
-            halves[2 * index, :, :, :half] = image[:, :, :half]
-            halves[2 * index + 1, :, :, :half] = image[:, :, half:]
-    return halves
-
-
-def object_labels(scenes: Sequence[Scene]) -> Tensor:
-    """``colour * 3 + shape`` of each scene's first and second object, ``[2B]``."""
-    colours = list(COLOURS)
-    return torch.tensor(
-        [colours.index(c) * len(SHAPES) + SHAPES.index(s)
-         for scene in scenes for c, s in (scene.first, scene.second)]
-    )  # fmt: skip
-
-
-def scene_agreement(image: Tensor, scene: Scene) -> float:
-    """Fraction of the 4 attributes (2 colours, 2 shapes) that ``image`` gets right."""
-    found = parse_scene(image, scene.vertical)
-    score = 0
-    for want, got in zip((scene.first, scene.second), found, strict=True):
-        if got is not None:
-            score += (want[0] == got[0]) + (want[1] == got[1])
-    return score / 4
-
-
-def parse_caption(text: str) -> Scene | None:
-    """The scene a caption describes (the inverse of :func:`describe`), or None."""
-    words = text.lower().replace("to the", "").split()
-    things = [
-        (words[i - 1], word)
-        for i, word in enumerate(words)
-        if word in SHAPES and i > 0 and words[i - 1] in COLOURS
-    ]
-    relations = {"above": (True, False), "on": (True, False), "over": (True, False),
-                 "below": (True, True), "under": (True, True), "beneath": (True, True),
-                 "left": (False, False), "right": (False, True)}  # fmt: skip
-    found = [relations[word] for word in words if word in relations]
-    if len(things) != 2 or len(found) != 1:
-        return None
-    vertical, reversed_ = found[0]
-    first, second = things[::-1] if reversed_ else things
-    return Scene(first, second, vertical)
-
-
 def digit_caption(label: int, rng: np.random.Generator) -> str:
     name = DIGIT_NAMES[label]
     article = "an" if name[0] in "aeiou" else "a"
@@ -222,16 +141,6 @@ def digit_caption(label: int, rng: np.random.Generator) -> str:
         f"a picture of the digit {name}",
     )
     return options[rng.integers(len(options))]
-
-
-def digit_of_caption(text: str) -> int:
-    """The digit a caption names (as a word or a numeral), or -1."""
-    for word in text.lower().split():
-        if word in DIGIT_NAMES:
-            return DIGIT_NAMES.index(word)
-        if word.isdigit() and len(word) == 1:
-            return int(word)
-    return -1
 
 
 def digit_captions(labels: Sequence[int], seed: int) -> list[str]:
@@ -462,17 +371,11 @@ __all__ = [
     "captioned_folder",
     "describe",
     "digit_captions",
-    "digit_of_caption",
     "is_captioned_folder",
     "layout_captions",
-    "object_labels",
-    "parse_caption",
-    "parse_scene",
     "random_captions",
     "random_scene",
     "read_captions",
     "render",
-    "scene_agreement",
-    "scene_halves",
     "shapes_dataset",
 ]

@@ -25,45 +25,48 @@ from torch import Tensor, nn
 
 from jetblocks import GMMHead, Jet, JetConfig, image_bits_per_dim, rng, split_tokens
 from jetblocks.autoregressive import KVCache, add_input_noise, causal_mask
+from jetblocks.config import Config, setting
+from jetblocks.pretrained import Pretrained
+from jetblocks.validation import FLAG, NON_NEGATIVE, POSITIVE_INT, Choice, Number
 
 NORM_EPS = 1e-6
 TRUNCATED_NORMAL_STD = 0.87962566103423978  # std of N(0, 1) truncated to [-2, 2]
 
 
 @dataclasses.dataclass(frozen=True)
-class JetFormerConfig:
+class JetFormerConfig(Config):
     """Architecture of a :class:`JetFormer`; ``jet`` holds a ``JetConfig`` as a dict."""
 
-    jet: dict[str, Any]
-    keep: int  # dims per token modelled by the transformer; the rest get N(0, 1)
-    width: int = 128
-    depth: int = 2
-    mlp_dim: int = 512
-    num_heads: int = 4
-    num_kv_heads: int = 1  # 1: multi-query attention
-    head_dim: int = 32
-    num_mixtures: int = 16
-    vocab_size: int = 10  # classes or sentencepiece pieces; BOS, BOI and NOLABEL follow
-    text_len: int = 1
-    num_vocab_repeats: int = 1
-    rope_base: float = 10_000.0
-    dropout: float = 0.0  # on each block's attention and MLP outputs (reference: 0.1)
-    input_noise_std: float = 0.0  # max std of the noise on text-first soft tokens (ref.: 0.3)
-    untie_output_vocab: bool = False  # text logits from their own Linear (text-to-image ref.)
-    head_mean_init_std: float = 0.5  # GMM mean biases ~ N(0, std^2); 0: the reference's zeros
-    learned_positions: bool = False  # + a learned absolute position embedding (ref.: RoPE only)
+    jet: Any = setting(None, None, "the Jet's JetConfig, as a dict")  # noqa: RUF009
+    keep: int = setting(None, POSITIVE_INT, "dims per token modelled by the transformer")
+    width: int = setting(128, POSITIVE_INT, "decoder width")
+    depth: int = setting(2, POSITIVE_INT, "decoder blocks")
+    mlp_dim: int = setting(512, POSITIVE_INT, "gated MLP hidden size")
+    num_heads: int = setting(4, POSITIVE_INT, "query heads")
+    num_kv_heads: int = setting(1, POSITIVE_INT, "key/value heads (1: multi-query attention)")
+    head_dim: int = setting(32, POSITIVE_INT, "dims per head (even: RoPE)")
+    num_mixtures: int = setting(16, POSITIVE_INT, "GMM components per token")
+    vocab_size: int = setting(10, POSITIVE_INT, "classes or pieces; BOS, BOI, NOLABEL follow")
+    text_len: int = setting(1, POSITIVE_INT, "text tokens per example")
+    num_vocab_repeats: int = setting(1, POSITIVE_INT, "copies of each text token")
+    rope_base: float = setting(10_000.0, Number(float, low=0, open_low=True), "RoPE base")
+    dropout: float = setting(
+        0.0, Number(float, low=0, high=1, open_high=True), "on attention and MLP outputs"
+    )
+    input_noise_std: float = setting(0.0, NON_NEGATIVE, "max std of noise on soft tokens")
+    untie_output_vocab: bool = setting(False, FLAG, "text logits from their own Linear")
+    head_mean_init_std: float = setting(0.5, NON_NEGATIVE, "GMM mean biases ~ N(0, std^2)")
+    learned_positions: bool = setting(False, FLAG, "+ a learned absolute position embedding")
+    model: str = setting("jetformer", Choice(("jetformer",)), "the model a saved config builds")
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
+        if not isinstance(self.jet, dict) or self.keep is None:
+            raise ValueError("JetFormerConfig needs jet (a JetConfig dict) and keep")
         object.__setattr__(self, "jet", JetConfig.from_dict(dict(self.jet)).to_dict())
         if not 0 < self.keep <= self.jet_config.token_dim:
             raise ValueError(f"keep must be in [1, {self.jet_config.token_dim}], got {self.keep}")
         if self.num_heads % self.num_kv_heads or self.head_dim % 2:
             raise ValueError("num_heads must be a multiple of num_kv_heads; head_dim even")
-        if not 0 <= self.dropout < 1 or not self.input_noise_std >= 0:
-            raise ValueError(
-                f"need 0 <= dropout < 1 and input_noise_std >= 0, got {self.dropout}, "
-                f"{self.input_noise_std}"
-            )
         if self.untie_output_vocab and self.num_vocab_repeats != 1:
             raise ValueError("untie_output_vocab needs num_vocab_repeats == 1 (as the reference)")
 
@@ -98,13 +101,6 @@ class JetFormerConfig:
     def prefix_len(self) -> int:
         """Text tokens as the decoder sees them: ``text_len * num_vocab_repeats``."""
         return self.text_len * self.num_vocab_repeats
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> JetFormerConfig:
-        return cls(**values)
 
 
 def lecun_truncated_normal_(layer: nn.Linear) -> None:
@@ -263,8 +259,10 @@ class Decoder(nn.Module):
         return KVCache(self.config.depth, max_len)
 
 
-class JetFormer(nn.Module):
+class JetFormer(nn.Module, Pretrained):
     """Jet + decoder + GMM head; :meth:`forward` returns the per-example losses."""
+
+    config_class = JetFormerConfig
 
     def __init__(self, config: JetFormerConfig) -> None:
         super().__init__()

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from jetblocks.acceleration import accelerate_by_default
-from jetblocks.checkpoint import atomic_file, load_model_weights, read_json, resolve_checkpoint
+from jetblocks.checkpoint import atomic_file, read_json
 from jetblocks.integrations.datasets import BUILTINS, ArraySource
 from jetblocks.integrations.sentencepiece import SentencePieceTokenizer
 from jetblocks.integrations.torchdata import image_loader, open_source
@@ -234,10 +234,22 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[JetFormer, RunDa
     run_dir = Path(run_dir)
     spec = read_json(run_dir / "run.json")["spec"]
     data = RunData(spec, run_dir, create_tokenizer=False)
-    checkpoint = resolve_checkpoint(run_dir)
-    model = JetFormer(JetFormerConfig.from_dict(read_json(checkpoint / "config.json")))
-    load_model_weights(model, checkpoint)
+    model = JetFormer.from_pretrained(run_dir)
     return accelerate_by_default(model.to(device).eval(), device, inference=True), data
 
 
-__all__ = ["RunData", "load_run", "load_tokenizer", "write_run_file"]
+def sampling_settings(
+    spec: dict[str, Any],
+    guidance: float | None = None,
+    temperature: float | None = None,
+    sampler: str | None = None,
+) -> tuple[float, float, str]:
+    """Guidance, temperature and sampler: the run's ``sample`` settings unless given."""
+    settings = spec["sample"]
+    guidance = settings["guidance"] if guidance is None else guidance
+    temperature = settings["temperature"] if temperature is None else temperature
+    sampler = sampler or settings.get("sampler", "exact")
+    return guidance, temperature, sampler
+
+
+__all__ = ["RunData", "load_run", "load_tokenizer", "sampling_settings", "write_run_file"]

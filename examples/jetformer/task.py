@@ -15,13 +15,15 @@ Per training example (randomness from the trainer's resumable, rank-aware unifor
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from jetblocks import rng
 from jetblocks.config import Config, setting
-from jetblocks.jetformer import NoiseCurriculum
+from jetblocks.curriculum import NoiseCurriculum
+from jetblocks.diagnostics import diagnose
 from jetblocks.likelihood import dequantize
 from jetblocks.train import TrainConfig, reference_optimizer
 from jetblocks.validation import FLAG, GUIDANCE, NON_NEGATIVE, POSITIVE_INT, Choice, Number
@@ -112,6 +114,19 @@ class JetFormerTask:
         if self.config.text_first_prob < 1.0:
             metrics["caption_nll"] = losses(~ones)["text_nll"]
         return metrics
+
+    def diagnose(
+        self, model: nn.Module, batch: dict[str, Tensor], generator: torch.Generator
+    ) -> dict[str, Any]:
+        """Jet's couplings and loss split (:func:`jetblocks.diagnostics.diagnose` of
+        ``model.jet``, standard-normal prior) and, apart, the held-out image bits/dim and
+        caption NLL of the whole model, under ``"jetformer"``."""
+        seed = generator.initial_seed()
+        result = diagnose(model.jet, batch["image"], generator=generator)
+        again = torch.Generator(generator.device).manual_seed(seed)  # the same noise
+        losses = self.evaluate(model, batch, again)
+        names = {"bits_per_dim": "image_bits_per_dim", "caption_nll": "text_nll"}
+        return {**result, "jetformer": {names[k]: v.mean().item() for k, v in losses.items()}}
 
     def sample(
         self, model: nn.Module, n: int, temperature: float, generator: torch.Generator
