@@ -19,13 +19,14 @@ import zipfile
 import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import ClassVar, Protocol
+from typing import BinaryIO, ClassVar, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from jetblocks.integrations import builtin
+from jetblocks.integrations.folder_index import checked_files
 from jetblocks.optional import require
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "RestrictedUnpickler",
     "Subset",
     "UnsafePickleError",
+    "decode_square",
     "holdout",
     "load_batch",
     "load_cifar10",
@@ -146,16 +148,18 @@ def load_batch(source: ImageSource, indices: Sequence[int]) -> dict[str, Tensor]
 
 
 @contextlib.contextmanager
-def _open_image(path: Path) -> Iterator:
-    """Pillow's image of ``path``; failing to read or decode it (also within the ``with``
-    block) raises :class:`DataError` naming the file, as does an image of more than
-    Pillow's ``Image.MAX_IMAGE_PIXELS`` (a decompression bomb: refused before decoding).
+def _open_image(path: Path | BinaryIO, name: object = None) -> Iterator:
+    """Pillow's image of ``path`` (a file name or a binary file object called ``name``);
+    failing to read or decode it (also within the ``with`` block) raises :class:`DataError`
+    naming it, as does an image of more than Pillow's ``Image.MAX_IMAGE_PIXELS`` (a
+    decompression bomb: refused before decoding).
 
     Pillow's format plugins raise many kinds of exception on malformed files (``OSError``,
     ``SyntaxError``, ``struct.error``, ``IndexError``, ...): every one becomes a DataError.
     """
     from PIL import Image
 
+    name = path if name is None else name
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -164,14 +168,14 @@ def _open_image(path: Path) -> Iterator:
             limit = Image.MAX_IMAGE_PIXELS
             if limit is not None and image.width * image.height > limit:
                 raise DataError(
-                    f"image {path} has {image.width}x{image.height} pixels, more than "
+                    f"image {name} has {image.width}x{image.height} pixels, more than "
                     f"PIL.Image.MAX_IMAGE_PIXELS ({limit:,}); refused as a decompression bomb"
                 )
             yield image
     except DataError:
         raise
     except Exception as error:  # any decoder failure is a bad file
-        raise DataError(f"cannot read image {path}: {type(error).__name__}: {error}") from None
+        raise DataError(f"cannot read image {name}: {type(error).__name__}: {error}") from None
 
 
 def _check_decodes(path: Path) -> None:
@@ -188,15 +192,25 @@ def _check_decodes(path: Path) -> None:
             image.load()
 
 
-def _unreadable(root: Path, files: Sequence[Path]) -> dict[Path, str]:
-    """``{file: why}`` for each of ``files`` (relative to ``root``) that does not decode."""
-    problems = {}
-    for file in files:
-        try:
-            _check_decodes(root / file)
-        except DataError as error:
-            problems[file] = str(error)
-    return problems
+def decode_square(
+    file: Path | BinaryIO, name: object, image_size: int, channels: int
+) -> np.ndarray:
+    """``uint8 [channels, image_size, image_size]``: the image in ``file`` (called ``name`` in
+    errors) turned upright by its EXIF orientation, converted to ``channels`` (1: Pillow
+    ``"L"``, 3: ``"RGB"``, alpha dropped; 16-bit grayscale first scaled to 8 bits),
+    center-cropped to a square of its shorter side and resized with Pillow's antialiased
+    BICUBIC filter."""
+    from PIL import Image, ImageOps
+
+    with _open_image(file, name) as opened:
+        image = _to_8bit(ImageOps.exif_transpose(opened))
+        image = image.convert("L" if channels == 1 else "RGB")
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    image = image.crop((left, top, left + side, top + side))
+    image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
+    pixels = np.asarray(image, dtype=np.uint8)
+    return (pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)).copy()  # C order
 
 
 def _to_8bit(image):
@@ -226,7 +240,11 @@ class ImageFolder:
     other images are decoded), so a corrupt or truncated image is found before training
     rather than when the loader reaches it. By default they raise :class:`DataError` naming
     them; with ``skip_corrupt=True`` they are left out and listed (relative to ``root``) in
-    ``skipped``, which is otherwise empty.
+    ``skipped``, which is otherwise empty. The checks run in ``check_workers`` processes
+    (default: one per CPU) and their verdicts are kept in an index in jetblocks' cache (see
+    :mod:`jetblocks.integrations.folder_index`, which says when a verdict is trusted), so
+    opening the folder again checks only the files added or changed since; ``index=False``
+    reads and writes no index and checks every file.
     """
 
     def __init__(
@@ -236,6 +254,8 @@ class ImageFolder:
         channels: int = 3,
         *,
         skip_corrupt: bool = False,
+        index: bool = True,
+        check_workers: int | None = None,
     ):
         require("PIL.Image", "image folders")
         self.root = Path(root)
@@ -245,61 +265,60 @@ class ImageFolder:
             raise ValueError(
                 f"need channels 1 or 3 and image_size >= 1, got {channels}, {image_size}"
             )
-        files = sorted(
-            path.relative_to(self.root)
-            for path in self.root.rglob("*")
-            if path.suffix.lower() in IMAGE_SUFFIXES
-            and not any(part.startswith(".") for part in path.relative_to(self.root).parts)
-            and path.is_file()
-        )
-        if not files:
+        try:
+            names, problems = checked_files(
+                self.root, suffixes=IMAGE_SUFFIXES, check=_check_decodes, read_npz=read_npz,
+                workers=check_workers, use_index=index,
+            )  # fmt: skip
+        except OSError as error:
+            raise DataError(
+                f"image folder {self.root}: cannot list {error.filename}: {error.strerror}"
+            ) from None
+        if not names:
             raise DataError(f"image folder {self.root} has no {'/'.join(IMAGE_SUFFIXES)} files")
-        self.files, self.skipped = self._readable(files, skip_corrupt)
-        self.classes = sorted({file.parts[0] for file in self.files if len(file.parts) > 1})
-        index = {name: i for i, name in enumerate(self.classes)}
-        self.labels = [index[f.parts[0]] if len(f.parts) > 1 else -1 for f in self.files]
+        self._names = self._readable(names, problems, skip_corrupt)  # str: cheap to pickle
+        self.skipped = [Path(name) for name in problems]
+        tops = [name.split("/", 1)[0] if "/" in name else None for name in self._names]
+        self.classes = sorted({top for top in tops if top is not None})
+        label = {name: i for i, name in enumerate(self.classes)}
+        self.labels = [-1 if top is None else label[top] for top in tops]
         self.image_size, self.channels = image_size, channels
         self.image_shape = (channels, image_size, image_size)
 
-    def _readable(self, files: list[Path], skip: bool) -> tuple[list[Path], list[Path]]:
-        """``(readable files, skipped files)``; unreadable ones raise unless ``skip``."""
-        problems = _unreadable(self.root, files)
+    def _readable(self, names: list[str], problems: dict[str, str], skip: bool) -> list[str]:
+        """The ``names`` not in ``problems`` (``{name: why}``), which raise unless ``skip``."""
         if problems and not skip:
             shown = "; ".join(list(problems.values())[:3])
             more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
             raise DataError(
-                f"image folder {self.root}: {len(problems)} of {len(files)} images cannot be "
+                f"image folder {self.root}: {len(problems)} of {len(names)} images cannot be "
                 f"read ({shown}{more}); fix or delete them, or skip them with "
                 "skip_corrupt=True"
             )
-        readable = [file for file in files if file not in problems]
+        readable = [name for name in names if name not in problems]
         if not readable:
             raise DataError(
-                f"image folder {self.root}: none of its {len(files)} images can be read"
+                f"image folder {self.root}: none of its {len(names)} images can be read"
             )
-        return readable, list(problems)
+        return readable
 
     @property
     def names(self) -> list[str]:
-        """Each image's path relative to ``root``, in index order."""
-        return [str(file) for file in self.files]
+        """Each image's path relative to ``root`` (``/``-separated), in index order."""
+        return list(self._names)
+
+    @property
+    def files(self) -> list[Path]:
+        """Each image's path relative to ``root``, in index order (built on each call)."""
+        return [Path(name) for name in self._names]
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self._names)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        from PIL import Image, ImageOps
-
-        with _open_image(self.root / self.files[index]) as opened:
-            image = _to_8bit(ImageOps.exif_transpose(opened))
-            image = image.convert("L" if self.channels == 1 else "RGB")
-        side = min(image.size)
-        left, top = (image.width - side) // 2, (image.height - side) // 2
-        image = image.crop((left, top, left + side, top + side))
-        image = image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
-        pixels = pixels[None] if self.channels == 1 else pixels.permute(2, 0, 1)
-        return pixels.contiguous(), self.labels[index]
+        path = self.root / self._names[index]
+        pixels = decode_square(path, path, self.image_size, self.channels)
+        return torch.from_numpy(pixels), self.labels[index]
 
 
 def _square_side(path: Path, pixels: int) -> int:
@@ -598,12 +617,13 @@ def open_source(
     """The ``split`` (``"train"``, ``"test"``, or ``"all"`` of an unsplit folder or ``.npz``)
     of the data named by ``spec``.
 
-    ``spec`` is ``mnist5k``, ``digits``, ``photo-patches``, or a path. A ``{split}`` in the
-    path is replaced by ``split``. A directory holding ``data_batch_1`` or ``test_batch`` is
+    ``spec`` is ``mnist5k``, ``digits``, ``photo-patches``, or a path (tar shards are opened
+    by :func:`jetblocks.integrations.torchdata.open_source`). A ``{split}`` in the path is
+    replaced by ``split``. A directory holding ``data_batch_1`` or ``test_batch`` is
     CIFAR-10; a directory with a ``<split>`` subfolder uses it as an :class:`ImageFolder`;
     any other directory is an :class:`ImageFolder` (``image_size`` required, ``channels``
-    default 3) and an ``.npz`` file is :func:`load_npz`, both split by :func:`holdout`.
-    In-memory sets keep their own size: a different ``image_size``/``channels`` is an error.
+    default 3) and an ``.npz`` file is :func:`load_npz`, both split by :func:`holdout`. In-
+    memory sets keep their own size: a different ``image_size``/``channels`` is an error.
     ``skip_corrupt`` is passed to :class:`ImageFolder`: the returned source's ``skipped``
     then lists the image files left out as unreadable.
     """

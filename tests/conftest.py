@@ -12,6 +12,15 @@ settings.register_profile(
 settings.load_profile("jetblocks")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _temporary_cache(tmp_path_factory):
+    """jetblocks' cache (image folder indexes) in a temporary folder, never ~/.cache; the
+    commands that tests run as subprocesses inherit it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("JETBLOCKS_CACHE", str(tmp_path_factory.mktemp("jetblocks-cache")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     torch.manual_seed(0)
@@ -46,20 +55,24 @@ def digits_config():
 
 @pytest.fixture
 def make_trainer(digits_config):
-    """``make_trainer(out_dir, steps=6, jet_config=None, task=None, **train_settings)``: a
-    :class:`~jetblocks.train.Trainer` of a fresh Jet on the built-in digits, batches of 16,
-    a checkpoint every 3 steps and one evaluation at the end."""
+    """``make_trainer(out_dir, steps=6, jet_config=None, task=None, loader=None,
+    **train_settings)``: a :class:`~jetblocks.train.Trainer` of a fresh Jet on the built-in
+    digits (or ``loader``'s batches), batches of 16, a checkpoint every 3 steps and one
+    evaluation at the end."""
     from jetblocks import Jet
     from jetblocks.integrations.torchdata import image_loader, open_source
     from jetblocks.train import BitsPerDimTask, TrainConfig, Trainer
 
-    def make(out_dir, steps=6, jet_config=None, task=None, **overrides):
+    def make(out_dir, steps=6, jet_config=None, task=None, loader=None, **overrides):
         torch.manual_seed(0)
         jet_config = jet_config or digits_config
         settings = dict(steps=steps, batch_size=16, lr=3e-3, log_every=1, eval_every=steps,
                         checkpoint_every=3, progress=False, samples_per_temperature=2)  # fmt: skip
         config = TrainConfig(**{**settings, **overrides})
-        loader = image_loader(open_source("digits", "train"), config.local_batch_size(1), seed=0)
+        if loader is None:
+            loader = image_loader(
+                open_source("digits", "train"), config.local_batch_size(1), seed=0
+            )
         test = open_source("digits", "test")
         return Trainer(
             Jet(jet_config),
