@@ -8,6 +8,7 @@ the multi-scale flows of :mod:`jetblocks.multiscale`).
     jetblocks decode --checkpoint runs/demo --tokens tokens.safetensors --out decoded.png
     jetblocks diagnose runs/demo
     jetblocks export --checkpoint runs/demo --format onnx --out exported/
+    jetblocks shards --data mnist5k --split train --per-shard 1000 --out shards/train
 
 ``--checkpoint`` takes a training run's directory (its newest checkpoint is used), one
 checkpoint directory, a ``save_pretrained`` directory, or a Hugging Face Hub repo id
@@ -43,7 +44,7 @@ from jetblocks.multiscale import MULTISCALE_PRESETS, MultiScaleConfig
 from jetblocks.optional import missing_dependency
 from jetblocks.pretrained import build_model, load_pretrained, model_class
 from jetblocks.train import DivergenceError, TrainConfig, TrainingInterrupted
-from jetblocks.validation import NON_NEGATIVE, POSITIVE_INT, SEED
+from jetblocks.validation import COUNT, NON_NEGATIVE, POSITIVE_INT, SEED
 
 __all__ = [
     "build_parser",
@@ -93,18 +94,29 @@ def _source(args, jet_config, split: str):
 
 
 def _loader(args, source, batch_size: int, env, shuffle: bool, epochs):
-    from jetblocks.integrations.torchdata import image_loader
+    """Batches of ``source`` for this rank: an image loader, or a shard stream's."""
+    from jetblocks.integrations.torchdata import ShardSet, image_loader, shard_loader
 
-    return image_loader(
-        source,
-        batch_size,
+    common = dict(
         seed=args.seed,
         shuffle=shuffle,
         drop_last=shuffle,
         rank=env.rank,
         world_size=env.world_size,
         epochs=epochs,
+        num_workers=args.workers,
     )
+    if isinstance(source, ShardSet):
+        buffer = getattr(args, "shuffle_buffer", 1)
+        return shard_loader(
+            source, batch_size, buffer=buffer, skip_corrupt=args.skip_corrupt, **common
+        )
+    return image_loader(source, batch_size, **common)
+
+
+def _describe(source) -> str:
+    """``"1,234 images"``, or how many shards a stream reads."""
+    return source.describe() if hasattr(source, "describe") else f"{len(source):,} images"
 
 
 def _device(args) -> torch.device:
@@ -174,8 +186,8 @@ def cmd_train(args) -> None:
         params = sum(p.numel() for p in trainer.model.parameters())
         name = type(trainer.model).__name__
         print(
-            f"training {name} ({params:,} parameters) on {args.data} ({len(train_source):,} "
-            f"training and {len(eval_source):,} held-out images) for {args.steps} steps "
+            f"training {name} ({params:,} parameters) on {args.data} ({_describe(train_source)} "
+            f"for training, {_describe(eval_source)} held out) for {args.steps} steps "
             f"on {env.world_size} x {env.device}"
         )
     before = trainer.evaluate() if args.eval_before else None
@@ -185,7 +197,8 @@ def cmd_train(args) -> None:
         if before:
             summary.update({f"initial_eval_{k}": v for k, v in before.items()})
         print(json.dumps(summary))
-        print(f"outputs in {args.out}: checkpoints/, metrics.jsonl, samples/")
+        logs = "".join(f", {name}/" for name in train_config.log)
+        print(f"outputs in {args.out}: checkpoints/, metrics.jsonl, samples/{logs}")
 
 
 def cmd_eval(args) -> None:
@@ -231,6 +244,8 @@ def cmd_encode(args) -> None:
     device = _device(args)
     jet = load_model(args.checkpoint, device)
     source = _source(args, jet.config, args.split)
+    if not hasattr(source, "__len__"):
+        raise ValueError(f"encode reads images by index; {args.data} is a stream of shards")
     count = min(len(source), args.limit or len(source))
     parts: dict[str, list[torch.Tensor]] = {"tokens": [], "logdet": [], "label": []}
     with torch.no_grad():
@@ -312,6 +327,32 @@ def cmd_export(args) -> None:
     print(f"exported {model} encode and decode ({args.format}) into {args.out}: {sizes}")
 
 
+def cmd_shards(args) -> None:
+    import numpy as np
+
+    from jetblocks.integrations.shards import ShardSet, write_shards
+    from jetblocks.integrations.torchdata import open_source
+
+    source = open_source(
+        args.data,
+        args.split,
+        image_size=args.image_size,
+        channels=args.channels,
+        skip_corrupt=args.skip_corrupt,
+    )
+    if isinstance(source, ShardSet):
+        raise ValueError(f"{args.data} are shards already")
+    shuffled = np.random.default_rng(args.shuffle_seed).permutation(len(source))
+    written = write_shards(
+        source, args.out, args.per_shard, order=None if args.in_order else shuffled
+    )
+    pattern = f"{args.out}-{{000000..{len(written) - 1:06d}}}.tar"
+    print(
+        f"wrote {len(source):,} images of {args.data} ({args.split}) into "
+        f"{len(written)} shard(s): --data '{pattern}'"
+    )
+
+
 def _file_size(path: Path) -> str:
     size = path.stat().st_size
     return f"{size / 1e6:.1f} MB" if size >= 100_000 else f"{size / 1e3:.1f} kB"
@@ -362,6 +403,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="how gradients pass the couplings (default: the config's): store activations, "
         "checkpoint each coupling, or rebuild inputs from outputs (memory-saving)",
     )
+    train.add_argument(
+        "--shuffle-buffer",
+        type=_positive_int,
+        default=1000,
+        help="samples in the shuffle buffer of a shard stream (default: 1000)",
+    )
     train.add_argument("--eval-batch-size", type=_positive_int, default=250)
     train.add_argument(
         "--eval-before", action="store_true", help="also evaluate before training and report it"
@@ -374,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     existing.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace the run in --out (deletes its checkpoints, metrics.jsonl and samples)",
+        help="replace the run in --out (deletes its checkpoints, metrics.jsonl, samples and logs)",
     )
     train.set_defaults(run=cmd_train)
 
@@ -436,6 +483,29 @@ def build_parser() -> argparse.ArgumentParser:
     diagnose.add_argument("--threads", type=_positive_int, default=None, help=argparse.SUPPRESS)
     diagnose.set_defaults(run=cmd_diagnose)
 
+    shards = commands.add_parser(
+        "shards", help="write any --data source as webdataset tar shards (PNG images, labels)"
+    )
+    _data_arguments(shards)
+    shards.add_argument("--split", default="train", choices=("train", "test", "all"))
+    shards.add_argument(
+        "--image-size", type=_positive_int, default=None, help="decode a folder's images to this"
+    )
+    shards.add_argument("--channels", type=int, choices=(1, 3), default=None)
+    shards.add_argument("--per-shard", type=_positive_int, default=10_000)
+    shards.add_argument(
+        "--shuffle-seed",
+        type=SEED.parse,
+        default=0,
+        help="store the samples in this seed's random order, so that a shard holds a mix",
+    )
+    shards.add_argument("--in-order", action="store_true", help="store them in source order")
+    shards.add_argument(
+        "--out", required=True, help="prefix of the shards: PREFIX-000000.tar, PREFIX-000001.tar"
+    )
+    shards.add_argument("--threads", type=_positive_int, default=None, help=argparse.SUPPRESS)
+    shards.set_defaults(run=cmd_shards)
+
     export = commands.add_parser(
         "export", help="encode and decode graphs for onnxruntime (ONNX) or torch.export"
     )
@@ -464,13 +534,20 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data",
         default="mnist5k",
-        help="mnist5k, digits, photo-patches, an image folder, an .npz file or "
-        "a CIFAR-10 batches folder (default: mnist5k)",
+        help="mnist5k, digits, photo-patches, an image folder, an .npz file, a CIFAR-10 "
+        "batches folder, or tar shards: 'shards/{split}-{000000..000127}.tar' "
+        "(default: mnist5k)",
     )
     parser.add_argument(
         "--skip-corrupt",
         action="store_true",
-        help="skip unreadable files in an image folder (default: refuse the folder)",
+        help="skip (and count) unreadable images in a folder or shards (default: refuse them)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=COUNT.parse,
+        default=0,
+        help="worker processes decoding images (folders, shards); 0: in the main process",
     )
 
 

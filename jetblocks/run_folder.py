@@ -5,6 +5,7 @@
       metrics.jsonl                one JSON record per line, in step order
       checkpoints/step_XXXXXXXX/   whatever the trainer saves (written as one atomic folder)
       samples/step_XXXXXXXX.png
+      tensorboard/, wandb/         the logs of --log tensorboard, wandb (see jetblocks.loggers)
 
 :class:`RunFolder` opens a folder for a run (creating it, removing what a killed save left
 behind, refusing a folder that holds another run unless it is resumed or overwritten, and
@@ -43,10 +44,26 @@ __all__ = ["RunFolder", "RunInUseError", "RunLock", "read_metrics"]
 
 T = TypeVar("T")
 LOCK_FILE = ".lock"
+LOG_FOLDERS = ("tensorboard", "wandb")  # what jetblocks.loggers writes
 
 
 class RunInUseError(CheckpointError):
     """Another process is training into the run folder."""
+
+
+_HELD_LOCKS: set[int] = set()  # this process's lock descriptors
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (a data-loading worker, say): close the inherited lock descriptors.
+    A ``flock`` belongs to the open file, which the child shares: without this, a worker
+    outliving its run would keep the folder locked."""
+    for fd in _HELD_LOCKS:
+        os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 
 class RunLock:
@@ -87,12 +104,15 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)
         self._fd = fd
+        _HELD_LOCKS.add(fd)
 
     def release(self) -> None:
         if self._fd is None:
             return
-        os.ftruncate(self._fd, 0)  # the file stays: removing it would race a new holder
-        os.close(self._fd)
+        if self._fd in _HELD_LOCKS:  # not in a forked child, where it is closed already
+            _HELD_LOCKS.discard(self._fd)
+            os.ftruncate(self._fd, 0)  # the file stays: removing it would race a new holder
+            os.close(self._fd)
         self._fd = None
 
 
@@ -135,7 +155,7 @@ class RunFolder:
         to resume from.
 
         A folder holding another run is refused unless ``resume`` (continue it) or
-        ``overwrite`` (delete its checkpoints, metrics and samples, and nothing else). A
+        ``overwrite`` (delete its checkpoints, metrics, samples and logs, and nothing else). A
         run killed before its first checkpoint is resumed by starting again.
         """
         if not self.main:
@@ -177,9 +197,13 @@ class RunFolder:
         return bool(self.checkpoints()) or (metrics.is_file() and metrics.stat().st_size > 0)
 
     def _delete_run(self) -> None:
-        """Delete what a run writes (and nothing else): checkpoints, metrics and samples."""
+        """Delete what a run writes (and nothing else): checkpoints, metrics, samples and
+        the loggers' folders."""
         for checkpoint in self.checkpoints():
             shutil.rmtree(checkpoint)
+        for logs in (self.path / name for name in LOG_FOLDERS):
+            if logs.is_dir():
+                shutil.rmtree(logs)
         for sample in (self.path / "samples").glob("step_*.png"):
             sample.unlink()
         self.metrics_file.unlink(missing_ok=True)

@@ -159,6 +159,22 @@ def _load_sentencepiece(path: Path) -> None:
     SentencePieceTokenizer.load(path)
 
 
+def _shard(folder: Path) -> Path:
+    from jetblocks.integrations.datasets import ArraySource
+    from jetblocks.integrations.shards import write_shards
+
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 1, 6, 6), dtype=np.uint8)
+    source = ArraySource(torch.from_numpy(pixels), torch.tensor([0, 1, 2]))
+    return write_shards(source, folder / "train", per_shard=3)[0]
+
+
+def _read_shard(path: Path) -> None:
+    from jetblocks.integrations.shards import decode_sample, read_samples
+
+    for sample in read_samples(path):
+        decode_sample(sample, 4, 1)
+
+
 TARGETS: dict[str, tuple[Callable[[Path], Path], Callable[[Path], None]]] = {
     "checkpoint": (_checkpoint, _load_pretrained),
     "config-json": (_config_json, _load_pretrained),
@@ -170,6 +186,7 @@ TARGETS: dict[str, tuple[Callable[[Path], Path], Callable[[Path], None]]] = {
     "jpeg": (_image(".jpg"), _image_folder),
     "cifar-pickle": (_cifar, _load_cifar),
     "sentencepiece": (_sentencepiece, _load_sentencepiece),
+    "tar-shard": (_shard, _read_shard),
 }
 
 

@@ -93,6 +93,25 @@ def test_bf16_vs_fp32_smoke(tmp_path):
     assert math.isfinite(report["bf16_minus_fp32_bits_per_dim"])
 
 
+def test_folder_index_smoke_times_the_first_second_and_changed_opens(tmp_path):
+    report = smoke("folder_index", tmp_path)
+    phases = {row["phase"]: row for row in report["results"]}
+    assert {"first_open", "second_open", "scan", "changed_open"} <= phases.keys()
+    assert phases["second_open"]["images"] == phases["first_open"]["images"] == 600
+    assert phases["changed_open"]["images"] == 620
+
+
+def test_loader_throughput_smoke_measures_folders_and_shards_per_worker(tmp_path):
+    report = smoke("loader_throughput", tmp_path)
+    rows = report["loaders"]
+    assert {(row["source"], row["workers"]) for row in rows} == {
+        (source, workers) for source in ("jpeg-folder", "jpeg-shards", "png64-shards")
+        for workers in (0, 1)
+    }  # fmt: skip
+    assert all(row["images_per_s"] > 0 for row in rows)
+    assert report["training"]["images_per_s"] > 0
+
+
 def test_gpu_check_smoke_runs_every_part_on_the_cpu(tmp_path):
     parts = smoke("gpu_check", tmp_path, "--device", "cpu")["parts"]
     assert list(parts) == ["train", "attention", "max_batch", "jetformer", "encode_decode"]

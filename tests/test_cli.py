@@ -135,6 +135,17 @@ def _final_parameters(out_dir):
     return unfuse_projections(read_tensors(checkpoints_in(out_dir)[-1] / "model.safetensors"))
 
 
+def assert_trained_alike(one_dir, two_dir):
+    """Two runs' newest checkpoints hold the same weights, up to float rounding (also used by
+    tests/test_multinode.py)."""
+    one, two = _final_parameters(one_dir), _final_parameters(two_dir)
+    assert one.keys() == two.keys()
+    # An attention key bias has an exactly zero gradient (softmax ignores a shift shared by all
+    # keys), so Adam's normalisation turns its rounding noise into full-size steps: skip it.
+    for name in (n for n in one if not n.endswith("key.bias")):
+        assert (one[name] - two[name]).abs().max() < 1e-5, name
+
+
 def test_backprop_flag_trains_to_the_same_parameters(tmp_path, digits_config):
     """``--backprop invertible`` is recorded in the run's config and changes no result."""
     (tmp_path / "jet.json").write_text(digits_config.to_json())
@@ -143,9 +154,7 @@ def test_backprop_flag_trains_to_the_same_parameters(tmp_path, digits_config):
         assert main([*args, "--backprop", backprop, "--out", str(tmp_path / backprop)]) == 0
         saved = json.loads((checkpoints_in(tmp_path / backprop)[-1] / "config.json").read_text())
         assert saved["backprop"] == backprop
-    standard, invertible = (_final_parameters(tmp_path / b) for b in ("standard", "invertible"))
-    for name in (n for n in standard if not n.endswith("key.bias")):  # zero-gradient biases
-        assert (standard[name] - invertible[name]).abs().max() < 1e-5, name
+    assert_trained_alike(tmp_path / "standard", tmp_path / "invertible")
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
@@ -172,14 +181,9 @@ def test_two_process_run_equals_one_process_over_the_same_global_batch(
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    one, two = _final_parameters(tmp_path / "one"), _final_parameters(tmp_path / "two")
-    assert one.keys() == two.keys()
-    # An attention key bias has an exactly zero gradient (softmax ignores a shift shared by all
-    # keys), so Adam's normalisation turns its rounding noise into full-size steps: skip it.
-    for name in (n for n in one if not n.endswith("key.bias")):
-        assert (one[name] - two[name]).abs().max() < 1e-5, name
+    assert_trained_alike(tmp_path / "one", tmp_path / "two")
     assert not torch.equal(
-        one["couplings.flows.0.conditioner.final_proj.weight"],
+        _final_parameters(tmp_path / "two")["couplings.flows.0.conditioner.final_proj.weight"],
         Jet(digits_config).state_dict()["couplings.flows.0.conditioner.final_proj.weight"],
     )
 
@@ -215,4 +219,4 @@ def test_train_reports_the_split_sizes(tmp_path, capsys, digits_config):
     (tmp_path / "jet.json").write_text(digits_config.to_json())
     args = ["train", "--config", str(tmp_path / "jet.json"), *TRAIN, "--out", str(tmp_path / "r")]
     assert main(args) == 0
-    assert "(1,497 training and 300 held-out images)" in capsys.readouterr().out
+    assert "(1,497 images for training, 300 images held out)" in capsys.readouterr().out
