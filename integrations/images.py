@@ -19,6 +19,7 @@ __all__ = [
     "check_grid_size",
     "save_grid",
     "save_images",
+    "tile",
 ]
 
 # The grid's file format follows the file name: lossless PNG, or JPEG (lossy, quality 95).
@@ -45,6 +46,14 @@ def check_grid_size(count: int, ncols: int, height: int, width: int) -> None:
         )
 
 
+def tile(pixels: Tensor, ncols: int) -> Tensor:
+    """uint8 images ``[B, C, H, W]`` tiled row-major into one ``[rows * H, ncols * W, C]``
+    image; missing cells of the last row are mid-grey (128)."""
+    padding = -len(pixels) % ncols
+    pixels = torch.cat([pixels, pixels.new_full((padding, *pixels.shape[1:]), 128)])
+    return einops.rearrange(pixels.cpu(), "(r k) c h w -> (r h) (k w) c", k=ncols)
+
+
 def save_grid(pixels: Tensor, path: str | os.PathLike, ncols: int) -> Path:
     """Tile uint8 images ``[B, C, H, W]`` (C = 1 or 3) row-major into an image file at
     ``path`` (PNG, or JPEG for a ``.jpg``/``.jpeg`` name).
@@ -66,10 +75,7 @@ def save_grid(pixels: Tensor, path: str | os.PathLike, ncols: int) -> Path:
             f"cannot write a grid as {path}: expected a name ending in {', '.join(GRID_SUFFIXES)}"
         )
     file_format, options = GRID_FORMATS[suffix]
-    padding = -len(pixels) % ncols
-    pixels = torch.cat([pixels, pixels.new_full((padding, *pixels.shape[1:]), 128)])
-    grid = einops.rearrange(pixels.cpu(), "(r k) c h w -> (r h) (k w) c", k=ncols)
-    image = Image.fromarray(grid.squeeze(-1).numpy())
+    image = Image.fromarray(tile(pixels, ncols).squeeze(-1).numpy())
     with atomic_file(path) as staging:
         image.save(staging, format=file_format, **options)
     return Path(path)

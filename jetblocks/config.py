@@ -128,7 +128,11 @@ def add_arguments(
         elif isinstance(rule, Choice):
             options["choices"] = rule.options
         elif isinstance(rule, Items):
-            options |= {"nargs": "+", "type": rule.item.parse}
+            options["nargs"] = "+"
+            if isinstance(rule.item, Choice):
+                options["choices"] = rule.item.options
+            else:
+                options["type"] = rule.item.parse
         elif isinstance(rule, Number):
             options["type"] = rule.parse
         shown = "" if options.get("action") else f" (default: {field.default})"

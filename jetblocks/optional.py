@@ -4,7 +4,8 @@ The core (``pip install jetblocks``: torch, einops, numpy, safetensors, tqdm) bu
 decodes, trains and saves models. Data pipelines, image files and the built-in datasets need
 the ``data`` extra, the property-test kit the ``testing`` extra, xformers the ``gpu`` extra,
 the Hugging Face Hub (:mod:`jetblocks.hub`) the ``hub`` extra,
-ONNX export (:mod:`jetblocks.export`) the ``export`` extra.
+ONNX export (:mod:`jetblocks.export`) the ``export`` extra, TensorBoard and W&B logs
+(:mod:`jetblocks.loggers`) the ``logging`` extra.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ EXTRAS = {
     "onnx": ("onnx", "export"),
     "onnxscript": ("onnxscript", "export"),
     "onnxruntime": ("onnxruntime", "export"),
+    "tensorboard": ("tensorboard", "logging"),
+    "wandb": ("wandb", "logging"),
 }
 
 

@@ -4,7 +4,8 @@ r"""Training a model on a task: a short loop, handed its optimizer, schedule and
 one process or under ``torchrun`` (DDP or FSDP2). What it trains with is given to it:
 ``optimizer(model, config)`` and ``schedule(config)`` factories (default: the reference recipe
 below) and a :class:`~jetblocks.run_folder.RunFolder`, which locks the folder for the run and
-holds its checkpoints, metrics and sample grids. On a CPU the model is first
+holds its checkpoints, metrics and sample grids (shown in TensorBoard or W&B too with
+``config.log``, see :mod:`jetblocks.loggers`). On a CPU the model is first
 :func:`~jetblocks.acceleration.accelerate`\ d (same weights; ``JETBLOCKS_ACCELERATE=0``
 turns it off). The loop adds what every run needs: gradient
 accumulation and clipping, an optional EMA of the weights, a guard against non-finite losses,
@@ -24,6 +25,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -54,8 +56,9 @@ from jetblocks.checkpoint import (
 from jetblocks.config import Config, setting
 from jetblocks.diagnostics import diagnose
 from jetblocks.integrations.distributed import Distributed, wrap_model
-from jetblocks.integrations.images import save_grid
+from jetblocks.integrations.images import save_grid, tile
 from jetblocks.likelihood import bits_per_dim, dequantize, to_uint8
+from jetblocks.loggers import LOGGER_NAMES, Loggers, make_loggers
 from jetblocks.model_card import check_card
 from jetblocks.rng import ShardedGenerator
 from jetblocks.run_folder import RunFolder, read_metrics
@@ -122,6 +125,12 @@ class TrainConfig(Config):
     checkpoint_every: int = setting(1000, POSITIVE_INT, "steps between checkpoints", resumable=True)
     keep_checkpoints: int = setting(3, POSITIVE_INT, "newest checkpoints kept", resumable=True)
     log_every: int = setting(50, POSITIVE_INT, "steps between metrics records", resumable=True)
+    log: tuple[str, ...] = setting(
+        (),
+        Items(Choice(LOGGER_NAMES)),
+        "also show the records and samples in TensorBoard (RUN/tensorboard) or W&B (RUN/wandb)",
+        resumable=True,
+    )
     diagnose_every: int = setting(
         1000,
         Number(int, low=0),
@@ -347,6 +356,7 @@ class Trainer:
         self.step = 0
         self.nonfinite_in_a_row = 0
         self._norms: list[Tensor] = []  # gradient norms before clipping, since the last record
+        self.loggers = Loggers()  # config.log's, on the main process during fit
         self._stop = _StopRequest()
 
     @property
@@ -362,8 +372,8 @@ class Trainer:
 
         The run folder is locked for the whole run (:class:`RunFolder`): one holding another
         run is refused unless ``resume`` (continue from its newest intact checkpoint) or
-        ``overwrite`` (delete the run's checkpoints, metrics and samples first). SIGINT and
-        SIGTERM finish the current step, save a checkpoint and raise
+        ``overwrite`` (delete the run's checkpoints, metrics, samples and logs first). SIGINT
+        and SIGTERM finish the current step, save a checkpoint and raise
         :class:`TrainingInterrupted`; a second signal stops at once.
         """
         if self.env.is_main:
@@ -372,9 +382,15 @@ class Trainer:
             self.env.barrier()
             if resume and self.run.checkpoints():
                 self.restore_latest()
+            if self.env.is_main:
+                config = {"train": self.config.to_dict(), "model": self.model_config}
+                self.loggers = make_loggers(
+                    self.config.log, self.run.path, config=config, start_step=self.step
+                )
             with _stop_on_signals(self._stop):
                 return self._loop()
         finally:
+            self.loggers.close()
             self.run.close()
 
     def _loop(self) -> dict[str, float]:
@@ -400,14 +416,14 @@ class Trainer:
                 progress.set_postfix(
                     loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}"
                 )
-                self.run.log(record)
+                self._log(record)
                 interval_start, interval_steps = time.perf_counter(), 0
             every = self.config.diagnose_every
             if every and (self.step % every == 0 or last):
                 self._log_diagnostics()
             if self.step % self.config.eval_every == 0 or last:
                 last_eval = self.evaluate()
-                self.run.log({"step": self.step, **{f"eval_{k}": v for k, v in last_eval.items()}})
+                self._log({"step": self.step, **{f"eval_{k}": v for k, v in last_eval.items()}})
                 self.write_samples()
             if self.step % self.config.checkpoint_every == 0 or last:
                 self.save_checkpoint()
@@ -510,12 +526,18 @@ class Trainer:
             return
         batch = self._to_device(next(iter(self.eval_batches())))
         generator = torch.Generator(self.env.device).manual_seed(self.EVAL_SEED)
-        self.run.log({"step": self.step, "diagnostics": diagnose_batch(
+        self._log({"step": self.step, "diagnostics": diagnose_batch(
             self._eval_model(), batch, generator)})  # fmt: skip
+
+    def _log(self, record: dict[str, Any]) -> None:
+        """Append ``record`` to ``metrics.jsonl`` and show it in the loggers (main process)."""
+        self.run.log(record)
+        self.loggers.log(record["step"], {k: v for k, v in record.items() if k != "step"})
 
     @torch.no_grad()
     def write_samples(self) -> Path | None:
-        """A PNG grid: one row of samples per temperature, from a fixed seed."""
+        """A PNG grid: one row of samples per temperature, from a fixed seed (also shown in
+        the loggers as ``samples``)."""
         model, rows = self._eval_model(), []
         model.eval()
         for temperature in self.config.sample_temperatures:
@@ -528,8 +550,9 @@ class Trainer:
         model.train()
         if not self.env.is_main or not rows:
             return None
-        path = self.run.sample_file(self.step)
-        return save_grid(torch.cat(rows), path, ncols=self.config.samples_per_temperature)
+        ncols = self.config.samples_per_temperature
+        self.loggers.log_image(self.step, "samples", tile(torch.cat(rows), ncols))
+        return save_grid(torch.cat(rows), self.run.sample_file(self.step), ncols=ncols)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _options(self) -> StateDictOptions:
@@ -723,17 +746,20 @@ class _StopRequest:
 @contextlib.contextmanager
 def _stop_on_signals(request: _StopRequest) -> Iterator[None]:
     """Within the block, SIGINT and SIGTERM set ``request.signal`` (the loop stops after the
-    current step); a second one raises :class:`TrainingInterrupted` at once. Handlers are
-    installed only in the main thread, and the previous ones restored afterwards."""
+    current step); a second SIGINT raises :class:`TrainingInterrupted` at once, while a
+    repeated SIGTERM counts once (a launcher such as torchrun forwards the one its process
+    group received). Handlers are installed only in the main thread, and the previous ones
+    restored afterwards; a process forked meanwhile (a data-loading worker) ignores SIGINT
+    and dies on SIGTERM instead of running them (see :func:`_signals_in_forked_child`)."""
     request.signal, request.agreed = None, False
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, frame: Any) -> None:
-        if request.signal is not None:
+        if request.signal is not None and signum == signal.SIGINT:
             raise TrainingInterrupted(signum, request.step, None)
-        request.signal = signum
+        request.signal = request.signal or signum  # a repeated SIGTERM (torchrun's) is one
 
     wanted = (signal.SIGINT, signal.SIGTERM)
     previous = {s: signal.signal(s, handler) for s in wanted}
@@ -742,6 +768,19 @@ def _stop_on_signals(request: _StopRequest) -> Iterator[None]:
     finally:
         for s, old in previous.items():
             signal.signal(s, old)
+
+
+def _signals_in_forked_child() -> None:
+    """A child forked while jetblocks' signal handlers were installed (a data-loading
+    worker) leaves SIGINT to its parent, which stops the run, and dies on SIGTERM, rather
+    than raising the parent's exceptions in a process that cannot act on them."""
+    for signum, action in ((signal.SIGINT, signal.SIG_IGN), (signal.SIGTERM, signal.SIG_DFL)):
+        handler = signal.getsignal(signum)
+        if getattr(handler, "__module__", "").startswith("jetblocks."):
+            signal.signal(signum, action)
+
+
+os.register_at_fork(after_in_child=_signals_in_forked_child)
 
 
 def __getattr__(name: str) -> Any:

@@ -109,7 +109,7 @@ LAYERS = {
         "jetblocks.autoregressive", "jetblocks.jet", "jetblocks.imageflow", "jetblocks.diagnostics",
         "jetblocks.multiscale", "jetblocks.checkpoint", "jetblocks.optional", "jetblocks.extras",
         "jetblocks.paths", "jetblocks.export",
-        "jetblocks.pretrained", "jetblocks.tokenfile", "jetblocks.run_folder",
+        "jetblocks.pretrained", "jetblocks.tokenfile", "jetblocks.run_folder", "jetblocks.loggers",
         "jetblocks.hub", "jetblocks.model_card", "jetblocks.version",
     },
     "testing kit": {"jetblocks.testing"},  # and every jetblocks.testing.* module
