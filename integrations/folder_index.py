@@ -36,7 +36,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -89,32 +89,28 @@ def scan(root: str | os.PathLike, suffixes: Sequence[str]) -> Listing:
     ``Path.is_file()``. A folder that cannot be listed raises ``OSError``.
     """
     endings = tuple(suffix.lower() for suffix in suffixes)
-    names, stats = [], []
-    for name, stat in _walk(os.fspath(root), endings):
-        names.append(name)
-        stats.append((stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino))
-    values = list(zip(*stats, strict=True)) or [()] * len(_COLUMNS)
-    columns = zip(_COLUMNS.items(), values, strict=True)
-    return Listing(names, **{column: np.array(value, dtype) for (column, dtype), value in columns})
-
-
-def _walk(root: str, endings: tuple[str, ...]) -> Iterator[tuple[str, os.stat_result]]:
-    """``(relative name, stat)`` of each matching file, depth first with each folder's
-    entries sorted by name, which is the part-by-part order of the relative paths."""
-    stack = [("", iter(_entries(root)))]
+    names: list[str] = []
+    stats: list[os.stat_result] = []
+    stack = [("", iter(_entries(os.fspath(root))))]  # depth first, each folder's entries sorted
     while stack:
         prefix, entries = stack[-1]
-        entry = next(entries, None)
-        if entry is None:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                stack.append((f"{prefix}{entry.name}/", iter(_entries(entry.path))))
+                break
+            if entry.name.lower().endswith(endings) and entry.is_file():
+                try:
+                    stats.append(entry.stat())
+                except FileNotFoundError:  # deleted since its folder was listed
+                    continue
+                names.append(prefix + entry.name)
+        else:
             stack.pop()
-        elif entry.is_dir(follow_symlinks=False):
-            stack.append((f"{prefix}{entry.name}/", iter(_entries(entry.path))))
-        elif entry.name.lower().endswith(endings) and entry.is_file():
-            try:
-                stat = entry.stat()
-            except FileNotFoundError:  # deleted since its folder was listed
-                continue
-            yield prefix + entry.name, stat
+    columns = {
+        column: np.fromiter((getattr(stat, f"st_{column}") for stat in stats), dtype, len(stats))
+        for column, dtype in _COLUMNS.items()
+    }
+    return Listing(names, **columns)
 
 
 def _entries(folder: str) -> list[os.DirEntry]:

@@ -31,6 +31,8 @@ Sources (see :mod:`jetblocks.integrations.datasets`) are re-exported here.
 from __future__ import annotations
 
 import functools
+import gc
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -281,6 +283,16 @@ def _decodes_files(source: ImageSource) -> bool:
     while isinstance(source, Subset):
         source = source.source
     return not isinstance(source, ArraySource)
+
+
+def _collect_before_forking() -> None:
+    """Collect garbage before a fork: a loader dropped in a reference cycle (an abandoned
+    evaluation loader, say) would otherwise be copied into the new worker and shut down
+    there, by a process that is not its workers' parent (torchdata prints the error)."""
+    gc.collect()
+
+
+os.register_at_fork(before=_collect_before_forking)
 
 
 def _parallel(node: BaseNode, function, num_workers: int, prefetch: int, processes: bool):

@@ -3,6 +3,8 @@ workers through a shuffle buffer, resumed exactly, and refused (or skipped) when
 
 import io
 import json
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -292,20 +294,39 @@ def test_a_run_on_shards_resumes_exactly(tmp_path, monkeypatch, make_trainer, di
     assert losses[0] == losses[1] and len(losses[0]) == 6
 
 
-def test_the_cli_trains_and_evaluates_on_shards(tmp_path, digit_shards, digits_config, capsys):
+def test_the_cli_trains_and_evaluates_on_shards(tmp_path, digit_shards, digits_config, capfd):
     (tmp_path / "jet.json").write_text(digits_config.to_json())
     data = str(digit_shards / "{split}-{000000..000002}.tar")
     args = ["train", "--config", str(tmp_path / "jet.json"), "--data", data, "--steps", "3",
             "--batch-size", "16", "--no-progress", "--workers", "1", "--shuffle-buffer", "50",
             "--out", str(tmp_path / "run")]  # fmt: skip
     assert main(args) == 0
-    assert "3 shard(s) for training, 3 shard(s) held out" in capsys.readouterr().out
+    printed = capfd.readouterr()
+    assert "3 shard(s) for training, 3 shard(s) held out" in printed.out
+    assert "Traceback" not in printed.err and "Exception" not in printed.err
     assert checkpoints_in(tmp_path / "run")
     evaluation = [r for r in read_metrics(tmp_path / "run") if "eval_bits_per_dim" in r]
     checkpoint = ["--checkpoint", str(tmp_path / "run"), "--data", data]
     assert main(["eval", *checkpoint, "--batch-size", "64"]) == 0
-    printed = json.loads(capsys.readouterr().out)
+    printed = json.loads(capfd.readouterr().out)
     assert printed["images"] == 300
     assert abs(printed["bits_per_dim"] - evaluation[-1]["eval_bits_per_dim"]) < 1e-4
     assert main(["encode", *checkpoint, "--out", str(tmp_path / "t.safetensors")]) == 2
-    assert "stream of shards" in capsys.readouterr().err
+    assert "stream of shards" in capfd.readouterr().err
+
+
+def test_workers_print_nothing_when_held_out_loaders_are_dropped_half_read(
+    digit_shards, digits_config, tmp_path
+):
+    """A training process with decoding workers, diagnosing every step (each diagnosis drops
+    a held-out loader after one batch): neither it nor its workers print an error."""
+    (tmp_path / "jet.json").write_text(digits_config.to_json())
+    data = str(digit_shards / "{split}-{000000..000002}.tar")
+    command = [sys.executable, "-m", "jetblocks.cli", "train", "--config",
+               str(tmp_path / "jet.json"), "--data", data, "--steps", "4", "--batch-size", "8",
+               "--no-progress", "--workers", "2",
+               "--eval-every", "2", "--diagnose-every", "1", "--threads", "1", "--out",
+               str(tmp_path / "run")]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr == ""
