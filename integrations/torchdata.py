@@ -285,14 +285,14 @@ def _decodes_files(source: ImageSource) -> bool:
     return not isinstance(source, ArraySource)
 
 
-def _collect_before_forking() -> None:
-    """Collect garbage before a fork: a loader dropped in a reference cycle (an abandoned
-    evaluation loader, say) would otherwise be copied into the new worker and shut down
-    there, by a process that is not its workers' parent (torchdata prints the error)."""
-    gc.collect()
+def _freeze_inherited_objects() -> None:
+    """In a forked child (a worker): never collect the objects copied from the parent. A
+    loader the parent dropped in a reference cycle would otherwise be shut down here, by a
+    process that is not its workers' parent (torchdata prints the error)."""
+    gc.freeze()
 
 
-os.register_at_fork(before=_collect_before_forking)
+os.register_at_fork(after_in_child=_freeze_inherited_objects)
 
 
 def _parallel(node: BaseNode, function, num_workers: int, prefetch: int, processes: bool):

@@ -80,6 +80,7 @@ def test_memory_smoke(tmp_path):
     assert "step_peak_mb_ratio_4_over_2" in report["summary"]["invertible"]
 
 
+@pytest.mark.slow  # trains for two timed windows: a quarter of a minute
 def test_bpd_vs_time_smoke(tmp_path):
     report = smoke("bpd_vs_time", tmp_path)
     assert report["config"]["depth"] == 2
@@ -87,6 +88,7 @@ def test_bpd_vs_time_smoke(tmp_path):
     assert all(math.isfinite(row["bits_per_dim"]) for row in report["results"])
 
 
+@pytest.mark.slow  # trains twice: a quarter of a minute
 def test_bf16_vs_fp32_smoke(tmp_path):
     report = smoke("bf16_vs_fp32", tmp_path)
     assert [run["precision"] for run in report["runs"]] == ["fp32", "bf16"]
@@ -112,6 +114,7 @@ def test_loader_throughput_smoke_measures_folders_and_shards_per_worker(tmp_path
     assert report["training"]["images_per_s"] > 0
 
 
+@pytest.mark.slow  # every part of the GPU check, on the CPU: a quarter of a minute
 def test_gpu_check_smoke_runs_every_part_on_the_cpu(tmp_path):
     parts = smoke("gpu_check", tmp_path, "--device", "cpu")["parts"]
     assert list(parts) == ["train", "attention", "max_batch", "jetformer", "encode_decode"]
@@ -172,6 +175,7 @@ def test_smoke_needs_an_out_and_explicit_flags_win():
     assert parse_args(parser(), "results.json", {"seconds": 0.1}, []).out == "results.json"
 
 
+@pytest.mark.slow  # trains and samples the JetFormer: a quarter of a minute
 def test_jetformer_quality_smoke_trains_and_measures(tmp_path):
     report = smoke("jetformer_quality", tmp_path)
     assert report["settings"]["threads"] == 2 and report["settings"]["seed"] == 0

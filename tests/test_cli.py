@@ -157,7 +157,7 @@ def test_backprop_flag_trains_to_the_same_parameters(tmp_path, digits_config):
     assert_trained_alike(tmp_path / "standard", tmp_path / "invertible")
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
 def test_two_process_run_equals_one_process_over_the_same_global_batch(
     strategy, tmp_path, digits_config
 ):

@@ -236,7 +236,10 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path, config_file, caps
 
 
 # -- signals ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize(
+    ("signum", "code"),
+    [(signal.SIGTERM, 143), pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow)],
+)  # the same path; SIGINT also runs in benchmarks/reliability.py (group "signals")
 def test_a_signal_saves_a_checkpoint_and_the_run_resumes(tmp_path, config_file, signum, code):
     out = tmp_path / "run"
     args = ["train", "--config", str(config_file), *TRAIN, "--log-every", "1",
