@@ -107,23 +107,15 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX = (np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB))
 
 
-def open_source(
-    spec: str,
-    split: str,
-    *,
-    image_size: int | None = None,
-    channels: int | None = None,
-    skip_corrupt: bool = False,
-) -> ImageSource | ShardSet:
+def open_source(spec: str, split: str, **options: Any) -> ImageSource | ShardSet:
     """The ``split`` of ``--data``: a :class:`ShardSet` for tar shards (``.tar`` with
     braces and a ``{split}``, see :mod:`jetblocks.integrations.shards`), else the image
-    source of :func:`jetblocks.integrations.datasets.open_source`."""
-    if is_shard_pattern(spec):
-        if split not in ("train", "test", "all"):
-            raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
-        return ShardSet.open(spec, split, image_size, channels)
-    return open_image_source(spec, split, image_size=image_size, channels=channels,
-                             skip_corrupt=skip_corrupt)  # fmt: skip
+    source :func:`jetblocks.integrations.datasets.open_source` opens with ``options``."""
+    if not is_shard_pattern(spec):
+        return open_image_source(spec, split, **options)
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
+    return ShardSet.open(spec, split, options.get("image_size"), options.get("channels"))
 
 
 def flip_bits(seed: int, epoch: int, indices: Sequence[int]) -> np.ndarray:
@@ -350,6 +342,7 @@ class ShardStream(BaseNode[Any]):
         self.buffer_size = buffer if shuffle else 1
         self.rank, self.world_size, self.epochs = rank, world_size, epochs
         self.skip_corrupt = skip_corrupt
+        self._number = {shard: i for i, shard in enumerate(self.shards)}  # for get_state
 
     def reset(self, initial_state: dict[str, Any] | None = None):
         super().reset(initial_state)
@@ -412,7 +405,7 @@ class ShardStream(BaseNode[Any]):
             "epoch": self.epoch,
             "position": self.position,
             "offset": self.offset,
-            "buffer": [[self.shards.index(s.shard), s.offset] for s in self._buffer],
+            "buffer": [[self._number[s.shard], s.offset] for s in self._buffer],
             "rng": self._rng.bit_generator.state,
             "skipped": self.skipped,
         }
